@@ -1,0 +1,51 @@
+"""The ASGI application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from mailslot import __version__
+from mailslot.api import accounts, misc, registration
+from mailslot.api.errors import install_error_handlers
+from mailslot.config import Settings
+from mailslot.observability.middleware import ObservabilityMiddleware
+from mailslot.services.container import Services
+from mailslot.transport.websocket import install_websocket
+from mailslot.wiring import build_services
+
+
+def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
+    """Build the app. Services are built in the lifespan unless given (tests may pass their own)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own = services is None
+        app.state.services = services if services is not None else await build_services(settings)
+        try:
+            yield
+        finally:
+            if own:
+                await app.state.services.close()
+
+    app = FastAPI(
+        title="Mailslot",
+        version=__version__,
+        description="A self-hostable server for Signal-protocol messaging.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(registration.router)
+    app.include_router(accounts.router)
+    app.include_router(misc.router)
+    install_websocket(app)
+    app.add_middleware(
+        ObservabilityMiddleware,
+        max_body_bytes=settings.server.max_body_bytes,
+        hsts_max_age=settings.tls.hsts_max_age if settings.tls.enabled else None,
+        access_log_on=settings.logging.access_log,
+    )
+    return app

@@ -1,0 +1,101 @@
+"""Engine construction and transaction helpers for SQLite (embedded) and PostgreSQL (cluster)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from mailslot.config import StorageSettings
+
+
+def async_url(url: str) -> sa.URL:
+    """Map the operator's URL (``sqlite:///…``, ``postgresql://…``) to its async driver."""
+    parsed = make_url(url)
+    if parsed.drivername in ("sqlite", "sqlite+aiosqlite"):
+        return parsed.set(drivername="sqlite+aiosqlite")
+    if parsed.drivername in ("postgresql", "postgres", "postgresql+asyncpg"):
+        return parsed.set(drivername="postgresql+asyncpg")
+    raise ValueError(f"unsupported storage url scheme: {parsed.drivername}")
+
+
+class Database:
+    """One engine plus ``read()``/``write()`` transactions.
+
+    On SQLite a write transaction starts with ``BEGIN IMMEDIATE`` so that read-modify-write sequences
+    (taking a one-time key, rotating a refresh token) are serialised instead of failing on upgrade.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    @classmethod
+    def from_settings(cls, storage: StorageSettings) -> Database:
+        url = async_url(storage.url)
+        kwargs: dict[str, Any] = {}
+        if url.drivername.startswith("sqlite"):
+            if url.database and url.database != ":memory:":
+                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            connect_args: dict[str, Any] = {}
+            if storage.schema_name:
+                connect_args["server_settings"] = {"search_path": storage.schema_name}
+            kwargs["connect_args"] = connect_args
+            kwargs["pool_size"] = storage.pool_size
+            kwargs["pool_pre_ping"] = True
+        engine = create_async_engine(url, **kwargs)
+        if url.drivername.startswith("sqlite"):
+            _configure_sqlite(engine)
+        return cls(engine)
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                conn = await conn.execution_options(mailslot_write=True)
+            async with conn.begin():
+                yield conn
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the driver so BEGIN is ours to emit.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a crash of the process (kill -9); only an OS crash can lose
+        # the last commits.
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        if conn.get_execution_options().get("mailslot_write"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")

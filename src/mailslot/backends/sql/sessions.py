@@ -1,0 +1,83 @@
+"""Verification sessions and refresh tokens in SQL."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import sqlalchemy as sa
+
+from mailslot.backends.sql import tables as t
+from mailslot.backends.sql.database import Database
+from mailslot.stores.models import RefreshToken, VerificationSession
+
+
+def _session_from_row(row: Any) -> VerificationSession:
+    return VerificationSession(**{c.name: getattr(row, c.name) for c in t.verification_sessions.columns})
+
+
+class SqlVerificationSessionStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def insert(self, session: VerificationSession) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(t.verification_sessions.insert().values(**asdict(session)))
+
+    async def get(self, session_id: str) -> VerificationSession | None:
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(t.verification_sessions).where(t.verification_sessions.c.id == session_id)
+                )
+            ).first()
+        return _session_from_row(row) if row is not None else None
+
+    async def update(self, session: VerificationSession) -> None:
+        values = asdict(session)
+        del values["id"]
+        async with self.db.write() as conn:
+            await conn.execute(
+                t.verification_sessions.update()
+                .where(t.verification_sessions.c.id == session.id)
+                .values(**values)
+            )
+
+    async def delete_expired(self, now: int) -> int:
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                t.verification_sessions.delete().where(t.verification_sessions.c.expires_at < now)
+            )
+            return int(result.rowcount or 0)
+
+
+class SqlRefreshTokenStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def insert(self, token: RefreshToken) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(t.refresh_tokens.insert().values(**asdict(token)))
+
+    async def mark_used(self, token_id: str) -> RefreshToken | None:
+        table = t.refresh_tokens
+        async with self.db.write() as conn:
+            # The conditional update is the atomic step: of two concurrent uses only one sees rowcount 1.
+            claimed = await conn.execute(
+                table.update().where(table.c.token_id == token_id, table.c.used.is_(False)).values(used=True)
+            )
+            row = (await conn.execute(sa.select(table).where(table.c.token_id == token_id))).first()
+            if row is None:
+                return None
+            return RefreshToken(
+                token_id=row.token_id,
+                family_id=row.family_id,
+                aci=row.aci,
+                device_id=row.device_id,
+                expires_at=row.expires_at,
+                used=claimed.rowcount != 1,
+            )
+
+    async def revoke_family(self, family_id: str) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(t.refresh_tokens.delete().where(t.refresh_tokens.c.family_id == family_id))

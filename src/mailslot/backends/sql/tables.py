@@ -1,0 +1,111 @@
+"""The relational schema, one definition for SQLite and PostgreSQL (SQLAlchemy Core)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+schema_migrations = sa.Table(
+    "schema_migrations",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("applied_at", sa.BigInteger, nullable=False),
+)
+
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    sa.Column("aci", sa.Uuid, primary_key=True),
+    sa.Column("number", sa.String(32), unique=True, nullable=True),
+    sa.Column("pni", sa.Uuid, nullable=True, unique=True),
+    sa.Column("aci_identity_key", sa.LargeBinary, nullable=False),
+    sa.Column("pni_identity_key", sa.LargeBinary, nullable=True),
+    sa.Column("unidentified_access_key", sa.LargeBinary, nullable=True),
+    sa.Column("unrestricted_unidentified_access", sa.Boolean, nullable=False, default=False),
+    sa.Column("discoverable_by_phone_number", sa.Boolean, nullable=False, default=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("registration_lock_hash", sa.String(80), nullable=True),
+    sa.Column("registration_lock_salt", sa.String(40), nullable=True),
+    sa.Column("recovery_password_hash", sa.String(80), nullable=True),
+    sa.Column("recovery_password_salt", sa.String(40), nullable=True),
+    sa.Column("totp_secret", sa.String(64), nullable=True),
+    sa.Column("totp_pending_secret", sa.String(64), nullable=True),
+    sa.Column("totp_backup_codes", sa.Text, nullable=False, default="[]"),
+)
+
+phone_number_identifiers = sa.Table(
+    "phone_number_identifiers",
+    metadata,
+    sa.Column("number", sa.String(32), primary_key=True),
+    sa.Column("pni", sa.Uuid, nullable=False, unique=True),
+)
+
+devices = sa.Table(
+    "devices",
+    metadata,
+    sa.Column("aci", sa.Uuid, sa.ForeignKey("accounts.aci", ondelete="CASCADE"), primary_key=True),
+    sa.Column("device_id", sa.SmallInteger, primary_key=True, autoincrement=False),
+    sa.Column("auth_hash", sa.String(80), nullable=False),
+    sa.Column("auth_salt", sa.String(40), nullable=False),
+    sa.Column("registration_id", sa.Integer, nullable=False),
+    sa.Column("pni_registration_id", sa.Integer, nullable=True),
+    sa.Column("name", sa.LargeBinary, nullable=True),
+    sa.Column("fetches_messages", sa.Boolean, nullable=False),
+    sa.Column("capabilities", sa.Text, nullable=False, default="{}"),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("last_seen", sa.BigInteger, nullable=False),
+    sa.Column("user_agent", sa.String(16), nullable=True),
+    sa.Column("gcm_token", sa.String(4096), nullable=True),
+    sa.Column("apn_token", sa.String(4096), nullable=True),
+    sa.Column("token_generation", sa.String(32), nullable=False),
+)
+
+signed_keys = sa.Table(
+    "signed_keys",
+    metadata,
+    sa.Column("aci", sa.Uuid, primary_key=True),
+    sa.Column("device_id", sa.SmallInteger, primary_key=True, autoincrement=False),
+    sa.Column("identity", sa.String(3), primary_key=True),
+    sa.Column("ec_key_id", sa.BigInteger, nullable=False),
+    sa.Column("ec_public_key", sa.LargeBinary, nullable=False),
+    sa.Column("ec_signature", sa.LargeBinary, nullable=False),
+    sa.Column("kem_key_id", sa.BigInteger, nullable=False),
+    sa.Column("kem_public_key", sa.LargeBinary, nullable=False),
+    sa.Column("kem_signature", sa.LargeBinary, nullable=False),
+    sa.ForeignKeyConstraint(["aci"], ["accounts.aci"], ondelete="CASCADE"),
+)
+
+verification_sessions = sa.Table(
+    "verification_sessions",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("number", sa.String(32), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=False, index=True),
+    sa.Column("verified", sa.Boolean, nullable=False, default=False),
+    sa.Column("code_hash", sa.String(80), nullable=True),
+    sa.Column("code_expires_at", sa.BigInteger, nullable=True),
+    sa.Column("code_attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("code_requests", sa.Integer, nullable=False, default=0),
+    sa.Column("last_sms_at", sa.BigInteger, nullable=True),
+    sa.Column("last_call_at", sa.BigInteger, nullable=True),
+    sa.Column("push_token", sa.String(4096), nullable=True),
+    sa.Column("push_token_type", sa.String(8), nullable=True),
+)
+
+refresh_tokens = sa.Table(
+    "refresh_tokens",
+    metadata,
+    sa.Column("token_id", sa.String(64), primary_key=True),
+    sa.Column("family_id", sa.String(64), nullable=False, index=True),
+    sa.Column("aci", sa.Uuid, sa.ForeignKey("accounts.aci", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("device_id", sa.SmallInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.Column("used", sa.Boolean, nullable=False, default=False),
+)
+
+# Tables holding rows keyed by an account, in delete order (children first).
+ACCOUNT_TABLES: tuple[sa.Table, ...] = (refresh_tokens, signed_keys, devices, accounts)

@@ -1,0 +1,119 @@
+"""The ``mailslot`` command: ``serve``, ``migrate`` (and the operator tools of later issues)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import socket
+import ssl
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from mailslot.app import create_app
+from mailslot.backends.sql.database import Database
+from mailslot.backends.sql.migrations import migrate
+from mailslot.config import Settings, load_settings
+from mailslot.observability.logging import configure_logging
+
+log = logging.getLogger("mailslot.cli")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _serve(settings: Settings) -> None:
+    app = create_app(settings)
+    sock = _bind(settings.server.host, settings.server.port)
+    port = sock.getsockname()[1]
+    tls = settings.tls.enabled
+    config = uvicorn.Config(
+        app,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,  # X-Forwarded-For is honoured only from [server] trusted_proxies, by us
+        server_header=False,
+        ws_max_size=settings.websocket.max_frame_bytes * 2 + 1024,
+        ssl_certfile=settings.tls.cert_file or None,
+        ssl_keyfile=settings.tls.key_file or None,
+        timeout_graceful_shutdown=10,
+    )
+    config.load()
+    if tls and config.ssl is not None:
+        config.ssl.minimum_version = ssl.TLSVersion.TLSv1_3
+    server = uvicorn.Server(config)
+
+    async def announce() -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            await asyncio.sleep(0.02)
+        services = app.state.services
+        ready = {"host": settings.server.host, "port": port, "tls": tls, "trustRoot": services.trust_root}
+        sys.stdout.write("READY " + json.dumps(ready) + "\n")
+        sys.stdout.flush()
+
+    announcer = asyncio.create_task(announce())
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        announcer.cancel()
+    if not server.started:
+        raise SystemExit(1)
+
+
+async def _migrate(settings: Settings) -> None:
+    db = Database.from_settings(settings.storage)
+    try:
+        applied = await migrate(db.engine)
+    finally:
+        await db.close()
+    print(json.dumps({"applied": applied}))
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mailslot", description="Mailslot messaging server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--config", help="TOML configuration file")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    mig = sub.add_parser("migrate", help="apply schema migrations")
+    mig.add_argument("--config", help="TOML configuration file")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = load_settings(args.config)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"mailslot: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "host", None):
+        settings.server.host = args.host
+    if getattr(args, "port", None) is not None:
+        settings.server.port = args.port
+    configure_logging(settings.logging.level)
+
+    if args.command == "serve":
+        _run(_serve(settings))
+    elif args.command == "migrate":
+        _run(_migrate(settings))
+    return 0

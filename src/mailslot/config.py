@@ -1,0 +1,151 @@
+"""Configuration: a TOML file, overridden by ``MAILSLOT_<SECTION>__<KEY>`` environment variables.
+
+The section and key names are part of the operator contract (see the README and API.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = ""
+    trusted_proxies: list[str] = Field(default_factory=list)
+    max_body_bytes: int = 2 * 1024 * 1024
+
+
+class TlsSettings(BaseModel):
+    cert_file: str = ""
+    key_file: str = ""
+    hsts_max_age: int = 31536000
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file and self.key_file)
+
+
+class StorageSettings(BaseModel):
+    url: str = "sqlite:///var/mailslot.db"
+    urls: list[str] = Field(default_factory=list)
+    data_dir: str = "var"
+    # PostgreSQL schema (search_path) to use; empty means the server default. Tests use it to isolate runs.
+    schema_name: str = Field(default="", alias="schema")
+    pool_size: int = 10
+
+    model_config = {"populate_by_name": True}
+
+
+class ClusterSettings(BaseModel):
+    redis_url: str = ""
+
+
+class ServerKeySettings(BaseModel):
+    id: int
+    certificate: str
+    private_key: str
+
+
+class SealedSenderSettings(BaseModel):
+    trust_root: str = ""
+    server_keys: list[ServerKeySettings] = Field(default_factory=list)
+    certificate_days: int = 7
+
+
+class RateLimitSettings(BaseModel):
+    capacity: float
+    permit_seconds: float
+
+
+class TwilioSettings(BaseModel):
+    account_sid: str = ""
+    auth_token: str = ""
+    from_number: str = ""
+    base_url: str = "https://api.twilio.com"
+
+
+class RegistrationSettings(BaseModel):
+    sms_provider: Literal["console", "webhook", "twilio"] = "console"
+    test_numbers: dict[str, str] = Field(default_factory=dict)
+    webhook_url: str = ""
+    webhook_secret: str = ""
+    twilio: TwilioSettings = Field(default_factory=TwilioSettings)
+    code_ttl_seconds: int = 600
+    max_code_attempts: int = 5
+    session_ttl_seconds: int = 3600
+    sms_resend_seconds: int = 60
+    call_resend_seconds: int = 60
+    max_code_requests: int = 5
+
+
+class AuthSettings(BaseModel):
+    # Secret for signing session JWTs; empty means generated once and kept in data_dir.
+    jwt_secret: str = ""
+    access_token_seconds: int = 3600
+    refresh_token_seconds: int = 30 * 24 * 3600
+
+
+class WebSocketSettings(BaseModel):
+    max_frame_bytes: int = 512 * 1024
+    idle_timeout_seconds: float = 90.0
+
+
+class LoggingSettings(BaseModel):
+    level: str = "INFO"
+    access_log: bool = True
+
+
+class Settings(BaseSettings):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    sealed_sender: SealedSenderSettings = Field(default_factory=SealedSenderSettings)
+    rate_limits: dict[str, RateLimitSettings] = Field(default_factory=dict)
+    registration: RegistrationSettings = Field(default_factory=RegistrationSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    websocket: WebSocketSettings = Field(default_factory=WebSocketSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    model_config = SettingsConfigDict(
+        env_prefix="MAILSLOT_", env_nested_delimiter="__", extra="ignore", case_sensitive=False
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_toml_path))
+        return tuple(sources)
+
+
+_toml_path: Path | None = None
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load settings from ``path`` (TOML) and the environment; keyword overrides win over both."""
+    global _toml_path
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    _toml_path = Path(path) if path is not None else None
+    try:
+        return Settings(**overrides)
+    finally:
+        _toml_path = None

@@ -1,0 +1,31 @@
+"""The set of services one server process runs; built by :mod:`mailslot.wiring`."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from mailslot.config import Settings
+from mailslot.services.accounts import AccountService
+from mailslot.services.credentials import Authenticator, TokenService
+from mailslot.services.ratelimit import RateLimiters
+from mailslot.services.verification import VerificationService
+
+
+@dataclass
+class Services:
+    settings: Settings
+    limiters: RateLimiters
+    verification: VerificationService
+    accounts: AccountService
+    tokens: TokenService
+    authenticator: Authenticator
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+    readiness_checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    trust_root: str | None = None
+
+    async def close(self) -> None:
+        for closer in reversed(self.closers):
+            await closer()

@@ -1,0 +1,74 @@
+"""Typed interfaces that services depend on; backends implement them."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Protocol
+
+from mailslot.stores.models import Account, Device, DeviceKeys, RefreshToken, VerificationSession
+
+
+class AccountStore(Protocol):
+    async def get_by_aci(self, aci: uuid.UUID) -> Account | None: ...
+
+    async def get_by_number(self, number: str) -> Account | None: ...
+
+    async def get_or_create_pni(self, number: str) -> uuid.UUID: ...
+
+    async def create_or_replace(
+        self, account: Account, primary: Device, keys: list[DeviceKeys], reclaimed: bool
+    ) -> None:
+        """Write a fresh account with its primary device and keys in one transaction.
+
+        When ``reclaimed`` is true the account already exists: its devices, keys, tokens and any data
+        keyed by the account are dropped first, in the same transaction.
+        """
+        ...
+
+    async def update_account(self, account: Account) -> None:
+        """Persist the account-level fields (not devices)."""
+        ...
+
+    async def update_device(self, aci: uuid.UUID, device: Device) -> None: ...
+
+    async def freeze_credentials(self, aci: uuid.UUID) -> None:
+        """Make every device password of the account unusable (registration lock triggered)."""
+        ...
+
+    async def delete_account(self, aci: uuid.UUID) -> None:
+        """Delete every row that belongs to the account, in one transaction."""
+        ...
+
+    async def get_device_keys(self, aci: uuid.UUID, device_id: int) -> list[DeviceKeys]: ...
+
+    async def count_rows_for(self, aci: uuid.UUID) -> dict[str, int]:
+        """Rows per table that reference the account (used by the data report and tests)."""
+        ...
+
+
+class VerificationSessionStore(Protocol):
+    async def insert(self, session: VerificationSession) -> None: ...
+
+    async def get(self, session_id: str) -> VerificationSession | None: ...
+
+    async def update(self, session: VerificationSession) -> None: ...
+
+    async def delete_expired(self, now: int) -> int: ...
+
+
+class RefreshTokenStore(Protocol):
+    async def insert(self, token: RefreshToken) -> None: ...
+
+    async def mark_used(self, token_id: str) -> RefreshToken | None:
+        """Atomically mark a token used; returns it as it was before, or None if unknown."""
+        ...
+
+    async def revoke_family(self, family_id: str) -> None: ...
+
+
+class RateLimitBackend(Protocol):
+    async def take(self, key: str, capacity: float, permit_seconds: float, permits: float) -> float | None:
+        """Take ``permits`` from the bucket; None on success, else seconds until enough tokens exist."""
+        ...
+
+    async def reset(self, key: str) -> None: ...

@@ -1,0 +1,68 @@
+"""Composition root: builds backends and services from settings (the one place that knows both)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from pathlib import Path
+
+from mailslot.backends.memory.ratelimit import MemoryRateLimitBackend
+from mailslot.backends.sql.accounts import SqlAccountStore
+from mailslot.backends.sql.database import Database
+from mailslot.backends.sql.migrations import migrate
+from mailslot.backends.sql.sessions import SqlRefreshTokenStore, SqlVerificationSessionStore
+from mailslot.config import Settings
+from mailslot.services.accounts import AccountService
+from mailslot.services.container import Services
+from mailslot.services.credentials import Authenticator, TokenService
+from mailslot.services.ratelimit import RateLimiters
+from mailslot.services.sms import build_sender
+from mailslot.services.verification import VerificationService
+
+
+def _secret_file(data_dir: Path, name: str, nbytes: int = 32) -> bytes:
+    """A secret generated on first start and kept in the data directory (mode 0600)."""
+    path = data_dir / name
+    if path.exists():
+        return bytes.fromhex(path.read_text().strip())
+    data_dir.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_bytes(nbytes)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value.hex())
+    return value
+
+
+def parse_networks(entries: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(entry, strict=False) for entry in entries]
+
+
+async def build_services(settings: Settings, run_migrations: bool = True) -> Services:
+    db = Database.from_settings(settings.storage)
+    if run_migrations:
+        await migrate(db.engine)
+    data_dir = Path(settings.storage.data_dir)
+    jwt_secret = (
+        settings.auth.jwt_secret.encode() if settings.auth.jwt_secret else _secret_file(data_dir, "jwt.secret")
+    )
+    limiters = RateLimiters(MemoryRateLimitBackend(), settings.rate_limits)
+    sender = build_sender(settings.registration)
+    verification = VerificationService(SqlVerificationSessionStore(db), sender, limiters, settings.registration)
+    accounts = AccountService(SqlAccountStore(db), verification, limiters)
+    tokens = TokenService(
+        jwt_secret, SqlRefreshTokenStore(db), settings.auth.access_token_seconds, settings.auth.refresh_token_seconds
+    )
+    services = Services(
+        settings=settings,
+        limiters=limiters,
+        verification=verification,
+        accounts=accounts,
+        tokens=tokens,
+        authenticator=Authenticator(accounts, tokens),
+        trusted_proxies=parse_networks(settings.server.trusted_proxies),
+    )
+    services.readiness_checks["storage"] = db.ping
+    services.closers.append(db.close)
+    services.closers.append(sender.close)
+    return services
