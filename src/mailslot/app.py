@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from mailslot import __version__
-from mailslot.api import accounts, misc, registration
+from mailslot.api import accounts, certificates, keys, misc, registration
 from mailslot.api.errors import install_error_handlers
 from mailslot.config import Settings
 from mailslot.observability.middleware import ObservabilityMiddleware
@@ -40,6 +40,8 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(registration.router)
     app.include_router(accounts.router)
+    app.include_router(keys.router)
+    app.include_router(certificates.router)
     app.include_router(misc.router)
     install_websocket(app)
     app.add_middleware(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import socket
@@ -18,6 +20,7 @@ from mailslot.backends.sql.database import Database
 from mailslot.backends.sql.migrations import migrate
 from mailslot.config import Settings, load_settings
 from mailslot.observability.logging import configure_logging
+from mailslot.sealed_sender_setup import create_root, create_server
 
 log = logging.getLogger("mailslot.cli")
 
@@ -90,6 +93,22 @@ def _run(coro: object) -> None:
         asyncio.run(coro)  # type: ignore[arg-type]
 
 
+def _certificate(args: argparse.Namespace) -> int:
+    """Print keys as JSON; `create-server` output pastes into `[sealed_sender] server_keys`."""
+    if args.certificate_command == "create-root":
+        print(json.dumps(create_root()))
+        return 0
+    try:
+        root_key = base64.b64decode(args.root_key, validate=True)
+        if len(root_key) != 32:
+            raise ValueError("the root key must be 32 bytes")
+        print(json.dumps(create_server(root_key, args.key_id)))
+    except (ValueError, binascii.Error) as exc:
+        print(f"mailslot: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mailslot", description="Mailslot messaging server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,7 +118,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int)
     mig = sub.add_parser("migrate", help="apply schema migrations")
     mig.add_argument("--config", help="TOML configuration file")
+    cert = sub.add_parser("certificate", help="sealed-sender trust root and server certificates")
+    cert_sub = cert.add_subparsers(dest="certificate_command", required=True)
+    cert_sub.add_parser("create-root", help="generate a trust-root key pair (keep the private key offline)")
+    server_cert = cert_sub.add_parser("create-server", help="generate a server key and certificate")
+    server_cert.add_argument("--root-key", required=True, help="base64 32-byte trust-root private key")
+    server_cert.add_argument("--key-id", required=True, type=int, help="the new server key's id")
     args = parser.parse_args(argv)
+
+    if args.command == "certificate":
+        return _certificate(args)
 
     try:
         settings = load_settings(args.config)

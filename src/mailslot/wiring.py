@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import secrets
@@ -10,12 +11,16 @@ from pathlib import Path
 from mailslot.backends.memory.ratelimit import MemoryRateLimitBackend
 from mailslot.backends.sql.accounts import SqlAccountStore
 from mailslot.backends.sql.database import Database
+from mailslot.backends.sql.keys import SqlKeyStore
 from mailslot.backends.sql.migrations import migrate
 from mailslot.backends.sql.sessions import SqlRefreshTokenStore, SqlVerificationSessionStore
 from mailslot.config import Settings
+from mailslot.sealed_sender_setup import load_keys
 from mailslot.services.accounts import AccountService
+from mailslot.services.certificates import CertificateService
 from mailslot.services.container import Services
 from mailslot.services.credentials import Authenticator, TokenService
+from mailslot.services.keys import KeyService
 from mailslot.services.ratelimit import RateLimiters
 from mailslot.services.sms import build_sender
 from mailslot.services.verification import VerificationService
@@ -49,7 +54,12 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
     limiters = RateLimiters(MemoryRateLimitBackend(), settings.rate_limits)
     sender = build_sender(settings.registration)
     verification = VerificationService(SqlVerificationSessionStore(db), sender, limiters, settings.registration)
-    accounts = AccountService(SqlAccountStore(db), verification, limiters)
+    account_store = SqlAccountStore(db)
+    accounts = AccountService(account_store, verification, limiters)
+    sealed = load_keys(settings.sealed_sender, data_dir)
+    certificates = CertificateService(
+        sealed.trust_root, sealed.signer, sealed.signer_private_key, settings.sealed_sender.certificate_days
+    )
     tokens = TokenService(
         jwt_secret, SqlRefreshTokenStore(db), settings.auth.access_token_seconds, settings.auth.refresh_token_seconds
     )
@@ -60,7 +70,10 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
         accounts=accounts,
         tokens=tokens,
         authenticator=Authenticator(accounts, tokens),
+        keys=KeyService(account_store, SqlKeyStore(db), limiters),
+        certificates=certificates,
         trusted_proxies=parse_networks(settings.server.trusted_proxies),
+        trust_root=base64.b64encode(sealed.trust_root).decode(),
     )
     services.readiness_checks["storage"] = db.ping
     services.closers.append(db.close)

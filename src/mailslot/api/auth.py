@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from mailslot.api.errors import ApiError, unauthorized
-from mailslot.services.credentials import Principal
 from mailslot.services.container import Services
+from mailslot.services.credentials import Principal
 
 TUNNEL_KEY = "mailslot.tunnel"
 PRINCIPAL_KEY = "mailslot.principal"

@@ -51,7 +51,7 @@ async def ready(svc: ServicesDep) -> JSONResponse:
         try:
             await check()
             checks[name] = "ok"
-        except Exception:  # noqa: BLE001 - any failure means not ready
+        except Exception:
             checks[name] = "unavailable"
             healthy = False
     return JSONResponse({"status": "ok" if healthy else "unavailable", "checks": checks},

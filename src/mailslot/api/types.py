@@ -12,6 +12,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, Wi
 def _decode_b64(value: Any) -> bytes:
     if isinstance(value, bytes):
         return value
+    if isinstance(value, list):
+        # Jackson reads byte[] from an array of numbers too, and libsignal sends some fields that way.
+        if not all(isinstance(b, int) and not isinstance(b, bool) and -128 <= b <= 255 for b in value):
+            raise ValueError("must be base64 or an array of bytes")
+        return bytes(b & 0xFF for b in value)
     if not isinstance(value, str):
         raise ValueError("must be a base64 string")
     text = value.strip()

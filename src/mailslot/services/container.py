@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 
 from mailslot.config import Settings
 from mailslot.services.accounts import AccountService
+from mailslot.services.certificates import CertificateService
 from mailslot.services.credentials import Authenticator, TokenService
+from mailslot.services.keys import KeyService
 from mailslot.services.ratelimit import RateLimiters
 from mailslot.services.verification import VerificationService
 
@@ -21,6 +23,8 @@ class Services:
     accounts: AccountService
     tokens: TokenService
     authenticator: Authenticator
+    keys: KeyService
+    certificates: CertificateService
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     readiness_checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)

@@ -8,7 +8,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 
@@ -72,14 +72,12 @@ def parse_device_username(username: str) -> tuple[uuid.UUID, int] | None:
     return aci, int(device_text)
 
 
-class AccountLookup:
+class AccountLookup(Protocol):
     """What the authenticator needs from the account service (kept narrow to avoid a cycle)."""
 
-    async def get_by_aci(self, aci: uuid.UUID) -> Account | None:  # pragma: no cover - protocol
-        raise NotImplementedError
+    async def get_by_aci(self, aci: uuid.UUID) -> Account | None: ...
 
-    async def touch_device(self, aci: uuid.UUID, device_id: int, last_seen: int) -> None:  # pragma: no cover
-        raise NotImplementedError
+    async def touch_device(self, aci: uuid.UUID, device_id: int, last_seen: int) -> None: ...
 
 
 class TokenService:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import uuid
 from typing import Protocol
 
-from mailslot.stores.models import Account, Device, DeviceKeys, RefreshToken, VerificationSession
+from mailslot.stores.models import (
+    Account,
+    Device,
+    DeviceBundle,
+    DeviceKeys,
+    PreKey,
+    RefreshToken,
+    SignedPreKey,
+    VerificationSession,
+)
 
 
 class AccountStore(Protocol):
@@ -72,3 +81,27 @@ class RateLimitBackend(Protocol):
         ...
 
     async def reset(self, key: str) -> None: ...
+
+
+class KeyStore(Protocol):
+    """One-time and repeated-use pre-keys per (account, identity, device)."""
+
+    async def store_keys(
+        self,
+        aci: uuid.UUID,
+        identity: str,
+        device_id: int,
+        ec_keys: list[PreKey] | None,
+        kem_keys: list[SignedPreKey] | None,
+        signed_pre_key: SignedPreKey | None,
+        last_resort_pre_key: SignedPreKey | None,
+    ) -> None:
+        """Replace the non-None parts in one transaction (a list replaces the whole pool)."""
+        ...
+
+    async def counts(self, aci: uuid.UUID, identity: str, device_id: int) -> tuple[int, int]: ...
+
+    async def take_bundle(self, aci: uuid.UUID, identity: str, device_ids: list[int]) -> list[DeviceBundle]:
+        """For each device with a signed and a last-resort key: atomically take at most one one-time EC
+        and one one-time KEM key (the last-resort key stands in when no KEM key is left)."""
+        ...

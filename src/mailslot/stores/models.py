@@ -69,6 +69,22 @@ class SignedPreKey:
 
 
 @dataclass(slots=True)
+class PreKey:
+    key_id: int
+    public_key: bytes
+
+
+@dataclass(slots=True)
+class DeviceBundle:
+    """What a bundle fetch hands out for one device."""
+
+    device_id: int
+    signed_pre_key: SignedPreKey
+    pre_key: PreKey | None
+    pq_pre_key: SignedPreKey
+
+
+@dataclass(slots=True)
 class DeviceKeys:
     """The repeated-use keys a device publishes for one identity (ACI or PNI)."""
 

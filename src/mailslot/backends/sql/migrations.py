@@ -38,6 +38,7 @@ MIGRATIONS: list[tuple[int, str, Step]] = [
             t.refresh_tokens,
         ),
     ),
+    (2, "one-time EC and KEM pre-keys", _create(t.one_time_ec_keys, t.one_time_kem_keys)),
 ]
 
 

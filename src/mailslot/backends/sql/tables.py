@@ -107,5 +107,30 @@ refresh_tokens = sa.Table(
     sa.Column("used", sa.Boolean, nullable=False, default=False),
 )
 
+one_time_ec_keys = sa.Table(
+    "one_time_ec_keys",
+    metadata,
+    sa.Column("aci", sa.Uuid, primary_key=True),
+    sa.Column("identity", sa.String(3), primary_key=True),
+    sa.Column("device_id", sa.SmallInteger, primary_key=True, autoincrement=False),
+    sa.Column("key_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("public_key", sa.LargeBinary, nullable=False),
+    sa.ForeignKeyConstraint(["aci"], ["accounts.aci"], ondelete="CASCADE"),
+)
+
+one_time_kem_keys = sa.Table(
+    "one_time_kem_keys",
+    metadata,
+    sa.Column("aci", sa.Uuid, primary_key=True),
+    sa.Column("identity", sa.String(3), primary_key=True),
+    sa.Column("device_id", sa.SmallInteger, primary_key=True, autoincrement=False),
+    sa.Column("key_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("public_key", sa.LargeBinary, nullable=False),
+    sa.Column("signature", sa.LargeBinary, nullable=False),
+    sa.ForeignKeyConstraint(["aci"], ["accounts.aci"], ondelete="CASCADE"),
+)
+
 # Tables holding rows keyed by an account, in delete order (children first).
-ACCOUNT_TABLES: tuple[sa.Table, ...] = (refresh_tokens, signed_keys, devices, accounts)
+ACCOUNT_TABLES: tuple[sa.Table, ...] = (
+    refresh_tokens, one_time_ec_keys, one_time_kem_keys, signed_keys, devices, accounts
+)

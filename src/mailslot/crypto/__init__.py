@@ -1,0 +1,4 @@
+"""Cryptographic primitives: XEdDSA, key formats, salted token hashes.
+
+Nothing here imports from other Mailslot layers.
+"""

@@ -1,0 +1,87 @@
+"""Loading (or, for the embedded default, generating) the sealed-sender trust root and server keys."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mailslot.config import SealedSenderSettings
+from mailslot.crypto import xeddsa
+from mailslot.crypto.certificates import ServerCertificate
+
+GENERATED_FILE = "sealed_sender.json"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SealedSenderKeys:
+    trust_root: bytes
+    signer: ServerCertificate
+    signer_private_key: bytes
+    all_certificates: tuple[ServerCertificate, ...]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def create_root() -> dict[str, str]:
+    private, public = xeddsa.generate_keypair()
+    return {"publicKey": _b64(public), "privateKey": _b64(private)}
+
+
+def create_server(root_private_key: bytes, key_id: int) -> dict[str, str | int]:
+    private, public = xeddsa.generate_keypair()
+    certificate = ServerCertificate.create(root_private_key, key_id, public)
+    return {"id": key_id, "certificate": _b64(certificate.serialized), "private_key": _b64(private)}
+
+
+def load_keys(settings: SealedSenderSettings, data_dir: Path) -> SealedSenderKeys:
+    if settings.server_keys:
+        if not settings.trust_root:
+            raise ConfigError("[sealed_sender] trust_root is required when server_keys are configured")
+        entries = [(k.id, k.certificate, k.private_key) for k in settings.server_keys]
+        trust_root = base64.b64decode(settings.trust_root)
+    else:
+        if settings.trust_root:
+            raise ConfigError("[sealed_sender] server_keys are required when trust_root is configured "
+                              "(create them with `mailslot certificate create-server`)")
+        generated = _generated(data_dir)
+        trust_root = base64.b64decode(generated["trustRoot"]["publicKey"])
+        entries = [(k["id"], k["certificate"], k["private_key"]) for k in generated["serverKeys"]]
+    if len(trust_root) != 33 or trust_root[0] != 0x05:
+        raise ConfigError("[sealed_sender] trust_root must be a base64 33-byte Curve25519 public key")
+    certificates: list[tuple[ServerCertificate, bytes]] = []
+    for key_id, certificate_b64, private_b64 in entries:
+        try:
+            certificate = ServerCertificate.parse(base64.b64decode(certificate_b64), trust_root)
+        except ValueError as exc:
+            raise ConfigError(f"server key {key_id}: {exc}") from exc
+        private = base64.b64decode(private_b64)
+        if certificate.key_id != key_id or xeddsa.public_key_from_private(private) != certificate.public_key:
+            raise ConfigError(f"server key {key_id}: private key or id does not match its certificate")
+        certificates.append((certificate, private))
+    signer, signer_private = max(certificates, key=lambda item: item[0].key_id)
+    return SealedSenderKeys(trust_root, signer, signer_private, tuple(c for c, _ in certificates))
+
+
+def _generated(data_dir: Path) -> dict[str, Any]:
+    path = data_dir / GENERATED_FILE
+    if path.exists():
+        loaded: dict[str, Any] = json.loads(path.read_text())
+        return loaded
+    root = create_root()
+    server = create_server(base64.b64decode(root["privateKey"]), 1)
+    content = {"trustRoot": root, "serverKeys": [server]}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(content, handle, indent=2)
+    return content

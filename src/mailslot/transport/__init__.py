@@ -1,0 +1,1 @@
+"""Transports: the HTTP app and the WebSocket tunnel that carries the same API."""
