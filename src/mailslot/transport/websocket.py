@@ -20,6 +20,7 @@ import contextlib
 import http
 import logging
 import random
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from google.protobuf.message import DecodeError
 from starlette.responses import Response
 from starlette.websockets import WebSocket
 
+from mailslot.observability.logging import correlation_id, truncate_ip
+from mailslot.observability.metrics import WEBSOCKETS
 from mailslot.transport.proto.websocket_pb2 import (
     WebSocketMessage,
     WebSocketRequestMessage,
@@ -531,6 +534,12 @@ def install_websocket(app: Any) -> None:
         )
         await websocket.accept()
         connected = False
+        kind = "authenticated" if principal is not None else "anonymous"
+        # One correlation id for the socket; tunnelled requests run in tasks that inherit it.
+        cid_token = correlation_id.set(secrets.token_hex(8))
+        client = websocket.scope.get("client")
+        log.info("websocket open", extra={"kind": kind, "net": truncate_ip(client[0] if client else None)})
+        WEBSOCKETS.labels(kind).inc()
         try:
             if principal is not None:
                 try:
@@ -548,6 +557,9 @@ def install_websocket(app: Any) -> None:
                     await _call_hook(services, "on_socket_closed", session)
                 except Exception:
                     log.exception("on_socket_closed failed")
+            WEBSOCKETS.labels(kind).dec()
+            log.info("websocket closed", extra={"kind": kind, "code": session.close_code})
+            correlation_id.reset(cid_token)
 
     app.router.add_websocket_route(WEBSOCKET_PATH, endpoint)
     app.router.add_websocket_route(WEBSOCKET_PATH.rstrip("/"), endpoint)
