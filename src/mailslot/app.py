@@ -24,9 +24,11 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = services is None
         app.state.services = services if services is not None else await build_services(settings)
+        app.state.services.retention.start()
         try:
             yield
         finally:
+            await app.state.services.retention.stop()
             if own:
                 await app.state.services.close()
 

@@ -53,7 +53,8 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
     )
     limiters = RateLimiters(MemoryRateLimitBackend(), settings.rate_limits)
     sender = build_sender(settings.registration)
-    verification = VerificationService(SqlVerificationSessionStore(db), sender, limiters, settings.registration)
+    session_store = SqlVerificationSessionStore(db)
+    verification = VerificationService(session_store, sender, limiters, settings.registration)
     account_store = SqlAccountStore(db)
     accounts = AccountService(account_store, verification, limiters)
     sealed = load_keys(settings.sealed_sender, data_dir)
@@ -75,6 +76,7 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
         trusted_proxies=parse_networks(settings.server.trusted_proxies),
         trust_root=base64.b64encode(sealed.trust_root).decode(),
     )
+    services.retention.purges["verification_sessions"] = session_store.delete_expired
     services.readiness_checks["storage"] = db.ping
     services.closers.append(db.close)
     services.closers.append(sender.close)

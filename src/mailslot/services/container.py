@@ -12,6 +12,7 @@ from mailslot.services.certificates import CertificateService
 from mailslot.services.credentials import Authenticator, TokenService
 from mailslot.services.keys import KeyService
 from mailslot.services.ratelimit import RateLimiters
+from mailslot.services.retention import RetentionJob
 from mailslot.services.verification import VerificationService
 
 
@@ -29,7 +30,9 @@ class Services:
     readiness_checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     trust_root: str | None = None
+    retention: RetentionJob = field(default_factory=RetentionJob)
 
     async def close(self) -> None:
+        await self.retention.stop()
         for closer in reversed(self.closers):
             await closer()
