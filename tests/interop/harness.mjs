@@ -645,7 +645,8 @@ export function registerAccountArgs(m) {
   };
 }
 
-const signedKeyJson = (record) => ({
+/** `ECSignedPreKey` / `KEMSignedPreKey` JSON (spec §4) for a libsignal signed pre-key record. */
+export const signedKeyJson = (record) => ({
   keyId: record.id(),
   publicKey: b64(record.publicKey().serialize()),
   signature: b64(record.signature()),
@@ -751,6 +752,29 @@ export async function verifyNumber(net, e164, code = TEST_NUMBERS[e164]) {
       `left the session unverified: ${stateForHumans(session.sessionState)}`);
   }
   return session;
+}
+
+/**
+ * Verifies `e164` and registers it with libsignal's RegistrationService (as in
+ * registration.test.mjs). Returns { e164, material, aci, pni, deviceId, username, password }, where
+ * `username` is `<aci>.1` for Basic auth on the authenticated chat connection.
+ */
+export async function registerTestAccount(net, e164, { material = makeRegistrationMaterial(), code } = {}) {
+  const session = await verifyNumber(net, e164, code ?? TEST_NUMBERS[e164]);
+  try {
+    const response = await session.registerAccount(registerAccountArgs(material));
+    return {
+      e164,
+      material,
+      aci: response.aci,
+      pni: response.pni,
+      deviceId: 1,
+      username: `${response.aci.getServiceIdString()}.1`,
+      password: material.password,
+    };
+  } finally {
+    session.release();
+  }
 }
 
 /** Describes a libsignal error thrown by a network call (code name, operation, message). */

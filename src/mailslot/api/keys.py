@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Response
@@ -12,7 +10,7 @@ from pydantic import Field
 from mailslot.api.auth import OptionalPrincipalDep, PrincipalDep, ServicesDep
 from mailslot.api.errors import ApiError
 from mailslot.api.registration import ECSignedPreKeyModel, KEMSignedPreKeyModel
-from mailslot.api.types import Base64, WireModel
+from mailslot.api.types import Base64, WireModel, decode_base64_header
 from mailslot.services.keys import KeyUpload
 from mailslot.stores.models import PreKey
 
@@ -97,8 +95,5 @@ async def get_bundle(
         raise ApiError(401, "unsupported_credential", "group send tokens are not offered by this server")
     access_key: bytes | None = None
     if principal is None and unidentified_access_key is not None:
-        try:
-            access_key = base64.b64decode(unidentified_access_key, validate=True)
-        except (binascii.Error, ValueError):
-            access_key = None
+        access_key = decode_base64_header(unidentified_access_key)
     return await svc.keys.fetch_bundle(principal, access_key, identifier, device_id)

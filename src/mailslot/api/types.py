@@ -47,6 +47,14 @@ class WireModel(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
+def decode_base64_header(value: str) -> bytes | None:
+    """Standard base64 with or without padding (as Java's decoder reads headers); None if malformed."""
+    try:
+        return _decode_b64(value)
+    except ValueError:
+        return None
+
+
 def b64(value: bytes | None) -> str | None:
     return None if value is None else base64.b64encode(value).decode()
 
