@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any
 
 from mailslot.config import SealedSenderSettings
 from mailslot.crypto import xeddsa
-from mailslot.crypto.certificates import ServerCertificate
+from mailslot.crypto.certificates import REVOKED_SERVER_KEY_IDS, ServerCertificate
 
 GENERATED_FILE = "sealed_sender.json"
 
@@ -32,6 +33,13 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def _decode(value: str, what: str) -> bytes:
+    try:
+        return base64.b64decode("".join(value.split()), validate=True)  # whitespace: wrapped TOML strings
+    except (binascii.Error, ValueError) as exc:
+        raise ConfigError(f"[sealed_sender] {what} is not valid base64") from exc
+
+
 def create_root() -> dict[str, str]:
     private, public = xeddsa.generate_keypair()
     return {"publicKey": _b64(public), "privateKey": _b64(private)}
@@ -48,7 +56,7 @@ def load_keys(settings: SealedSenderSettings, data_dir: Path) -> SealedSenderKey
         if not settings.trust_root:
             raise ConfigError("[sealed_sender] trust_root is required when server_keys are configured")
         entries = [(k.id, k.certificate, k.private_key) for k in settings.server_keys]
-        trust_root = base64.b64decode(settings.trust_root)
+        trust_root = _decode(settings.trust_root, "trust_root")
     else:
         if settings.trust_root:
             raise ConfigError("[sealed_sender] server_keys are required when trust_root is configured "
@@ -60,11 +68,19 @@ def load_keys(settings: SealedSenderSettings, data_dir: Path) -> SealedSenderKey
         raise ConfigError("[sealed_sender] trust_root must be a base64 33-byte Curve25519 public key")
     certificates: list[tuple[ServerCertificate, bytes]] = []
     for key_id, certificate_b64, private_b64 in entries:
+        if key_id in REVOKED_SERVER_KEY_IDS:
+            # libsignal refuses every certificate signed under a revoked id.
+            raise ConfigError(f"server key {key_id}: this id is revoked in libsignal; use another")
+        if any(c.key_id == key_id for c, _ in certificates):
+            raise ConfigError(f"server key {key_id}: the id is configured more than once")
+        serialized = _decode(certificate_b64, f"server key {key_id} certificate")
         try:
-            certificate = ServerCertificate.parse(base64.b64decode(certificate_b64), trust_root)
+            certificate = ServerCertificate.parse(serialized, trust_root)
         except ValueError as exc:
             raise ConfigError(f"server key {key_id}: {exc}") from exc
-        private = base64.b64decode(private_b64)
+        private = _decode(private_b64, f"server key {key_id} private_key")
+        if len(private) != 32:
+            raise ConfigError(f"server key {key_id}: private_key must be 32 bytes")
         if certificate.key_id != key_id or xeddsa.public_key_from_private(private) != certificate.public_key:
             raise ConfigError(f"server key {key_id}: private key or id does not match its certificate")
         certificates.append((certificate, private))

@@ -57,7 +57,11 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
     verification = VerificationService(session_store, sender, limiters, settings.registration)
     account_store = SqlAccountStore(db)
     accounts = AccountService(account_store, verification, limiters)
-    sealed = load_keys(settings.sealed_sender, data_dir)
+    try:
+        sealed = load_keys(settings.sealed_sender, data_dir)
+    except Exception:
+        await db.close()
+        raise
     certificates = CertificateService(
         sealed.trust_root, sealed.signer, sealed.signer_private_key, settings.sealed_sender.certificate_days
     )

@@ -95,6 +95,9 @@ class KeyService:
         for keys, name in ((upload.pre_keys, "preKeys"), (upload.pq_pre_keys, "pqPreKeys")):
             if len({k.key_id for k in keys}) != len(keys):
                 raise invalid("key ids in a list must be distinct", name)
+        if (upload.signed_pre_key is None) != (upload.pq_last_resort_pre_key is None):
+            if await self.keys.get_signed_keys(principal.aci, identity, principal.device_id) is None:
+                raise invalid("a device's first upload needs both signedPreKey and pqLastResortPreKey")
         await self.keys.store_keys(
             principal.aci,
             identity,
@@ -113,8 +116,7 @@ class KeyService:
     async def check(self, principal: Principal, identity: str, digest: bytes) -> bool:
         """Whether the client's view of its repeated-use keys matches ours (``POST /v2/keys/check``)."""
         identity_key = self._identity_key(principal.account, identity)
-        get_signed = getattr(self.keys, "get_signed_keys", None)
-        stored = await get_signed(principal.aci, identity, principal.device_id) if get_signed else None
+        stored = await self.keys.get_signed_keys(principal.aci, identity, principal.device_id)
         if stored is None:
             return False
         signed, last_resort = stored
@@ -145,9 +147,8 @@ class KeyService:
             if caller is None:
                 raise unauthorized()
             raise ServiceError(404, "not_found", "account not found")
-        get_by_pni = getattr(self.accounts, "get_by_pni", None)
         if service_id.is_pni:
-            target = await get_by_pni(service_id.uuid) if get_by_pni else None
+            target = await self.accounts.get_by_pni(service_id.uuid)
         else:
             target = await self.accounts.get_by_aci(service_id.uuid)
         if caller is None:

@@ -22,6 +22,8 @@ class AccountStore(Protocol):
 
     async def get_by_number(self, number: str) -> Account | None: ...
 
+    async def get_by_pni(self, pni: uuid.UUID) -> Account | None: ...
+
     async def get_or_create_pni(self, number: str) -> uuid.UUID: ...
 
     async def create_or_replace(
@@ -39,6 +41,8 @@ class AccountStore(Protocol):
         ...
 
     async def update_device(self, aci: uuid.UUID, device: Device) -> None: ...
+
+    async def touch_device(self, aci: uuid.UUID, device_id: int, last_seen: int) -> None: ...
 
     async def freeze_credentials(self, aci: uuid.UUID) -> None:
         """Make every device password of the account unusable (registration lock triggered)."""
@@ -100,6 +104,12 @@ class KeyStore(Protocol):
         ...
 
     async def counts(self, aci: uuid.UUID, identity: str, device_id: int) -> tuple[int, int]: ...
+
+    async def get_signed_keys(
+        self, aci: uuid.UUID, identity: str, device_id: int
+    ) -> tuple[SignedPreKey, SignedPreKey] | None:
+        """The device's signed EC pre-key and last-resort KEM key, if it has uploaded them."""
+        ...
 
     async def take_bundle(self, aci: uuid.UUID, identity: str, device_ids: list[int]) -> list[DeviceBundle]:
         """For each device with a signed and a last-resort key: atomically take at most one one-time EC

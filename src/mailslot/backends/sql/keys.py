@@ -74,13 +74,6 @@ class SqlKeyStore:
             )
         return int(ec or 0), int(kem or 0)
 
-    async def has_signed_keys(self, aci: uuid.UUID, identity: str, device_id: int) -> bool:
-        async with self.db.read() as conn:
-            found = await conn.scalar(
-                sa.select(t.signed_keys.c.ec_key_id).where(*_owned(t.signed_keys, aci, identity, device_id))
-            )
-        return found is not None
-
     async def get_signed_keys(
         self, aci: uuid.UUID, identity: str, device_id: int
     ) -> tuple[SignedPreKey, SignedPreKey] | None:
