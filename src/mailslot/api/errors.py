@@ -60,9 +60,11 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     errors = []
     for err in exc.errors():
         message = str(err.get("msg", "invalid value"))
+        field = _field_name(tuple(err.get("loc", ())))
         if err.get("type") == "json_invalid":
-            message = "body is not valid JSON"
-        errors.append({"field": _field_name(tuple(err.get("loc", ()))), "message": message})
+            # The location of a JSON syntax error is a character offset, not a field.
+            message, field = "body is not valid JSON", "body"
+        errors.append({"field": field, "message": message})
     first = errors[0] if errors else {"field": "body", "message": "invalid request"}
     return JSONResponse(
         error_body("invalid_request", f"{first['field']}: {first['message']}", errors=errors), status_code=422

@@ -36,8 +36,13 @@ class SessionResponse(WireModel):
     verified: bool
 
 
+# Push tokens are stored: printable ASCII only (FCM, APNs and UnifiedPush tokens all are). A NUL
+# character would otherwise reach the database, which PostgreSQL refuses with an error.
+PUSH_TOKEN_PATTERN = r"^[\x20-\x7E]+$"
+
+
 class UpdateSessionRequest(WireModel):
-    pushToken: str | None = Field(default=None, max_length=4096)
+    pushToken: str | None = Field(default=None, max_length=4096, pattern=PUSH_TOKEN_PATTERN)
     pushTokenType: Literal["apn", "fcm"] | None = None
     pushChallenge: str | None = Field(default=None, max_length=256)
     captcha: str | None = Field(default=None, max_length=65536)
@@ -152,11 +157,11 @@ class AccountAttributesModel(WireModel):
 
 
 class ApnToken(WireModel):
-    apnRegistrationId: str = Field(min_length=1, max_length=4096)
+    apnRegistrationId: str = Field(min_length=1, max_length=4096, pattern=PUSH_TOKEN_PATTERN)
 
 
 class GcmToken(WireModel):
-    gcmRegistrationId: str = Field(min_length=1, max_length=4096)
+    gcmRegistrationId: str = Field(min_length=1, max_length=4096, pattern=PUSH_TOKEN_PATTERN)
 
 
 class RegistrationBody(WireModel):

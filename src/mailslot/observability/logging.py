@@ -50,12 +50,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# Libraries that quote SQL parameters (numbers, credential hashes, tokens), URLs, headers or frame
+# contents at their chattier levels. They log at WARNING and above only, whatever the server's level.
+QUIET_LOGGERS = (
+    "aiosqlite", "asyncpg", "sqlalchemy", "httpx", "httpcore", "hpack", "websockets", "multipart",
+    "python_multipart",
+)
+
+
 def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     # uvicorn's own access log prints full client addresses and raw paths; ours replaces it.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)

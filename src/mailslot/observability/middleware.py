@@ -8,6 +8,7 @@ import secrets
 import time
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mailslot.observability.logging import correlation_id, truncate_ip
@@ -52,8 +53,11 @@ class ObservabilityMiddleware:
                     raise _BodyTooLarge
             return message
 
+        response_started = [False]
+
         async def tracking_send(message: Message) -> None:
             if message["type"] == "http.response.start":
+                response_started[0] = True
                 status_holder[0] = message["status"]
                 if self.hsts is not None and not tunnelled:
                     message["headers"] = [*message.get("headers", []), (b"strict-transport-security", self.hsts)]
@@ -66,6 +70,8 @@ class ObservabilityMiddleware:
         try:
             await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
+            if response_started[0]:
+                raise
             status_holder[0] = 413
             await _too_large(send)
         finally:
@@ -90,8 +96,15 @@ class ObservabilityMiddleware:
             )
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised from ``receive`` when a body without (or beyond) its Content-Length outgrows the cap.
+
+    It is an ``HTTPException`` so that a framework reading the body inside its own error handling
+    (FastAPI turns any other exception there into a 400) still answers 413.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(413, "request body is too large")
 
 
 def _content_length(scope: Scope) -> int | None:

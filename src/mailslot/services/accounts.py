@@ -30,6 +30,22 @@ KNOWN_CAPABILITIES = frozenset(
 DisconnectListener = Callable[[uuid.UUID, list[int] | None], Awaitable[None]]
 
 
+# Tries of a registration that keeps losing races with concurrent registrations of the same number.
+REGISTRATION_ATTEMPTS = 3
+
+
+class _LostRace(Exception):
+    """The number's account changed between reading it and writing the registration."""
+
+
+def _state(account: Account | None) -> tuple[uuid.UUID, str] | None:
+    """What identifies one registration of a number: its ACI and its primary device's token generation."""
+    if account is None:
+        return None
+    primary = account.primary
+    return account.aci, primary.token_generation if primary else ""
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -116,9 +132,7 @@ class AccountService:
         return await self.store.get_by_aci(aci)
 
     async def touch_device(self, aci: uuid.UUID, device_id: int, last_seen: int) -> None:
-        touch = getattr(self.store, "touch_device", None)
-        if touch is not None:
-            await touch(aci, device_id, last_seen)
+        await self.store.touch_device(aci, device_id, last_seen)
 
     async def _disconnect(self, aci: uuid.UUID, device_ids: list[int] | None = None) -> None:
         for listener in self.disconnect_listeners:
@@ -222,7 +236,19 @@ class AccountService:
             raise invalid("sessionId or recoveryPassword is required", "sessionId")
         self._validate_registration(request)
 
-        existing = await self.store.get_by_number(number)
+        for _ in range(REGISTRATION_ATTEMPTS):
+            existing = await self.store.get_by_number(number)
+            try:
+                return await self._create_or_reclaim(number, password, request, user_agent, existing)
+            except _LostRace:
+                continue  # the number's account changed under us: decide again against what is there now
+        raise ServiceError(503, "registration_busy", "the number is being registered concurrently; try again",
+                           headers={"Retry-After": "1"})
+
+    async def _create_or_reclaim(
+        self, number: str, password: str, request: RegistrationRequest, user_agent: str | None,
+        existing: Account | None,
+    ) -> RegistrationResult:
         if existing is not None:
             primary = existing.primary
             if not request.skip_device_transfer and primary and primary.capabilities.get("transfer"):
@@ -271,7 +297,15 @@ class AccountService:
         if request.pni_signed_pre_key and request.pni_pq_last_resort_pre_key:
             keys.append(DeviceKeys("pni", request.pni_signed_pre_key, request.pni_pq_last_resort_pre_key))
         storage_capable = bool(existing and existing.primary and existing.primary.capabilities.get("storage"))
-        await self.store.create_or_replace(account, primary_device, keys, reclaimed=existing is not None)
+        try:
+            await self.store.create_or_replace(account, primary_device, keys, reclaimed=existing is not None)
+        except Exception as exc:
+            # A concurrent registration of the same number committed first, so the store refused a
+            # duplicate number, PNI or device row. Then this request is a re-registration of what that
+            # one wrote (with the lock and TOTP checks that implies); any other failure stays an error.
+            if _state(await self.store.get_by_number(number)) != _state(existing):
+                raise _LostRace from exc
+            raise
         if existing is not None:
             await self._disconnect(aci)
         return RegistrationResult(account, existing is not None, storage_capable)
@@ -341,8 +375,7 @@ class AccountService:
     async def exists(self, aci: uuid.UUID | None, pni: uuid.UUID | None) -> bool:
         if aci is not None:
             return await self.store.get_by_aci(aci) is not None
-        get_by_pni = getattr(self.store, "get_by_pni", None)
-        return pni is not None and get_by_pni is not None and await get_by_pni(pni) is not None
+        return pni is not None and await self.store.get_by_pni(pni) is not None
 
     def data_report(self, account: Account) -> dict[str, Any]:
         now = datetime.now(UTC).replace(microsecond=0)

@@ -26,7 +26,7 @@ class RetentionJob:
         for name, purge in self.purges.items():
             try:
                 deleted[name] = await purge(now)
-            except Exception:  # noqa: BLE001 - one failing purge must not stop the others
+            except Exception:
                 log.exception("purge failed", extra={"purge": name})
         if any(deleted.values()):
             log.info("purged expired data", extra={"deleted": deleted})

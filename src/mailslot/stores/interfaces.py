@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Protocol
+from typing import Any, Protocol
 
 from mailslot.stores.models import (
     Account,
@@ -65,6 +65,12 @@ class VerificationSessionStore(Protocol):
     async def get(self, session_id: str) -> VerificationSession | None: ...
 
     async def update(self, session: VerificationSession) -> None: ...
+
+    async def compare_and_set(self, session_id: str, expected: dict[str, Any], values: dict[str, Any]) -> bool:
+        """Write ``values`` only if the session's columns still hold ``expected``; True if written.
+
+        The atomic step that keeps concurrent code requests and guesses from being counted twice."""
+        ...
 
     async def delete_expired(self, now: int) -> int: ...
 

@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mailslot.backends.sql import tables as t
@@ -124,14 +125,21 @@ class SqlAccountStore:
             return await self._load(conn, t.accounts.c.pni == pni)
 
     async def get_or_create_pni(self, number: str) -> uuid.UUID:
+        """The number's PNI, allocated once. Concurrent first calls agree: the losing insert does nothing
+        (``ON CONFLICT DO NOTHING``) and both read the row that won."""
         table = t.phone_number_identifiers
         async with self.db.write() as conn:
             existing = await conn.scalar(sa.select(table.c.pni).where(table.c.number == number))
             if existing is not None:
                 return uuid.UUID(str(existing))
-            pni = uuid.uuid4()
-            await conn.execute(table.insert().values(number=number, pni=pni))
-            return pni
+            insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+            await conn.execute(
+                insert(table).values(number=number, pni=uuid.uuid4()).on_conflict_do_nothing(
+                    index_elements=[table.c.number]
+                )
+            )
+            pni = await conn.scalar(sa.select(table.c.pni).where(table.c.number == number))
+            return uuid.UUID(str(pni))
 
     async def _delete_account_rows(self, conn: AsyncConnection, aci: uuid.UUID, keep_account: bool) -> None:
         for table, column in self.extra_account_tables:

@@ -43,6 +43,17 @@ class SqlVerificationSessionStore:
                 .values(**values)
             )
 
+    async def compare_and_set(self, session_id: str, expected: dict[str, Any], values: dict[str, Any]) -> bool:
+        """One conditional UPDATE: the atomic step behind code requests and attempts (see the service)."""
+        table = t.verification_sessions
+        conditions = [table.c.id == session_id]
+        for name, value in expected.items():
+            column = table.c[name]
+            conditions.append(column.is_(None) if value is None else column == value)
+        async with self.db.write() as conn:
+            result = await conn.execute(table.update().where(*conditions).values(**values))
+            return int(result.rowcount or 0) == 1
+
     async def delete_expired(self, now: int) -> int:
         async with self.db.write() as conn:
             result = await conn.execute(
