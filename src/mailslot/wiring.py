@@ -65,8 +65,9 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
     certificates = CertificateService(
         sealed.trust_root, sealed.signer, sealed.signer_private_key, settings.sealed_sender.certificate_days
     )
+    refresh_store = SqlRefreshTokenStore(db)
     tokens = TokenService(
-        jwt_secret, SqlRefreshTokenStore(db), settings.auth.access_token_seconds, settings.auth.refresh_token_seconds
+        jwt_secret, refresh_store, settings.auth.access_token_seconds, settings.auth.refresh_token_seconds
     )
     services = Services(
         settings=settings,
@@ -81,6 +82,7 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
         trust_root=base64.b64encode(sealed.trust_root).decode(),
     )
     services.retention.purges["verification_sessions"] = session_store.delete_expired
+    services.retention.purges["refresh_tokens"] = refresh_store.delete_expired
     services.readiness_checks["storage"] = db.ping
     services.closers.append(db.close)
     services.closers.append(sender.close)

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from mailslot.api.auth import PrimaryDep, PrincipalDep, ServicesDep, client_ip, is_authenticated_request
 from mailslot.api.errors import ApiError, unauthorized
-from mailslot.api.registration import AccountAttributesModel, ApnToken, GcmToken
+from mailslot.api.registration import AccountAttributesModel, AccountIdentityResponse, ApnToken, GcmToken
 from mailslot.api.types import WireModel
 from mailslot.services import totp as totp_rules
 from mailslot.services.accounts import identity_response
@@ -19,16 +19,6 @@ from mailslot.services.credentials import AuthenticationFailed, parse_basic
 router = APIRouter(tags=["accounts"])
 
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {401: {"description": "missing or invalid credentials"}}
-
-
-class AccountIdentityResponse(WireModel):
-    uuid: str
-    number: str | None
-    pni: str | None
-    usernameHash: str | None
-    usernameLinkHandle: str | None
-    storageCapable: bool
-    entitlements: dict[str, Any]
 
 
 @router.get("/v1/accounts/whoami", response_model=AccountIdentityResponse, responses=AUTH_RESPONSES)

@@ -180,7 +180,7 @@ class RegistrationBody(WireModel):
     gcmToken: GcmToken | None = None
 
 
-class AccountCreationResponse(WireModel):
+class AccountIdentityResponse(WireModel):
     uuid: str
     number: str | None
     pni: str | None
@@ -188,6 +188,9 @@ class AccountCreationResponse(WireModel):
     usernameLinkHandle: str | None
     storageCapable: bool
     entitlements: dict[str, Any]
+
+
+class AccountCreationResponse(AccountIdentityResponse):
     reregistration: bool
 
 

@@ -92,3 +92,9 @@ class SqlRefreshTokenStore:
     async def revoke_family(self, family_id: str) -> None:
         async with self.db.write() as conn:
             await conn.execute(t.refresh_tokens.delete().where(t.refresh_tokens.c.family_id == family_id))
+
+    async def delete_expired(self, now: int) -> int:
+        """Drop refresh tokens past their expiry (spent or not)."""
+        async with self.db.write() as conn:
+            result = await conn.execute(t.refresh_tokens.delete().where(t.refresh_tokens.c.expires_at < now))
+            return int(result.rowcount or 0)
