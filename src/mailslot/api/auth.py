@@ -21,10 +21,26 @@ def services(request: Request) -> Services:
     return svc
 
 
+async def _socket_principal(request: Request) -> Principal | None:
+    """The socket's principal, re-read for this request.
+
+    A socket lives for hours: the account may have been deleted, re-registered (new credentials) or
+    locked since the upgrade, and its attributes may have changed. Until sockets are closed with 4401
+    on such changes, each tunnelled request checks that the device and its credential still stand.
+    """
+    principal: Principal | None = request.scope.get(PRINCIPAL_KEY)
+    if principal is None:
+        return None
+    account = await services(request).accounts.get_by_aci(principal.aci)
+    device = account.device(principal.device_id) if account else None
+    if account is None or device is None or device.auth_hash != principal.device.auth_hash:
+        return None
+    return Principal(account, device)
+
+
 async def optional_principal(request: Request) -> Principal | None:
     if request.scope.get(TUNNEL_KEY):
-        principal: Principal | None = request.scope.get(PRINCIPAL_KEY)
-        return principal
+        return await _socket_principal(request)
     header = request.headers.get("authorization")
     if not header:
         return None
@@ -32,11 +48,7 @@ async def optional_principal(request: Request) -> Principal | None:
 
 
 async def require_principal(request: Request) -> Principal:
-    if request.scope.get(TUNNEL_KEY):
-        principal: Principal | None = request.scope.get(PRINCIPAL_KEY)
-    else:
-        header = request.headers.get("authorization")
-        principal = await services(request).authenticator.authenticate_header(header) if header else None
+    principal = await optional_principal(request)
     if principal is None:
         raise unauthorized()
     return principal
