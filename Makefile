@@ -36,7 +36,7 @@ interop: $(STAMP) $(INTEROP_STAMP)
 	cd $(INTEROP) && npm test
 
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Isrc --python_out=src --pyi_out=src src/mailslot/transport/proto/*.proto
+	$(BIN)/python -m grpc_tools.protoc -Isrc --python_out=src --pyi_out=src src/mailslot/protocol/*.proto
 
 clean:
 	rm -rf $(VENV) $(INTEROP)/node_modules

@@ -7,7 +7,7 @@ import json
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
 
-from mailslot.transport.proto.websocket_pb2 import WebSocketMessage, WebSocketRequestMessage
+from mailslot.protocol.websocket_pb2 import WebSocketMessage, WebSocketRequestMessage
 from tests.helpers import TestAccount, register
 
 

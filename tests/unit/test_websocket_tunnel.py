@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request, Response
 from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from mailslot.transport.proto.websocket_pb2 import (
+from mailslot.protocol.websocket_pb2 import (
     WebSocketMessage,
     WebSocketRequestMessage,
     WebSocketResponseMessage,

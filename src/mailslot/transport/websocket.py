@@ -33,7 +33,7 @@ from starlette.websockets import WebSocket
 
 from mailslot.observability.logging import correlation_id, truncate_ip
 from mailslot.observability.metrics import WEBSOCKETS
-from mailslot.transport.proto.websocket_pb2 import (
+from mailslot.protocol.websocket_pb2 import (
     WebSocketMessage,
     WebSocketRequestMessage,
     WebSocketResponseMessage,
