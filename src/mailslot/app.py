@@ -8,11 +8,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from mailslot import __version__
-from mailslot.api import accounts, certificates, keys, misc, registration
+from mailslot.api import accounts, certificates, keys, messages, misc, registration
 from mailslot.api.errors import install_error_handlers
 from mailslot.config import Settings
 from mailslot.observability.middleware import ObservabilityMiddleware
 from mailslot.services.container import Services
+from mailslot.transport.delivery import DeliveryHooks
 from mailslot.transport.websocket import install_websocket
 from mailslot.wiring import build_services
 
@@ -43,9 +44,11 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app.include_router(registration.router)
     app.include_router(accounts.router)
     app.include_router(keys.router)
+    app.include_router(messages.router)
     app.include_router(certificates.router)
     app.include_router(misc.router)
-    install_websocket(app)
+    hooks = DeliveryHooks(app)
+    install_websocket(app, on_connected=hooks.connected, on_closed=hooks.closed)
     app.add_middleware(
         ObservabilityMiddleware,
         max_body_bytes=settings.server.max_body_bytes,

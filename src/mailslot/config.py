@@ -100,6 +100,17 @@ class WebSocketSettings(BaseModel):
     idle_timeout_seconds: float = 90.0
 
 
+class DeliverySettings(BaseModel):
+    message_ttl_days: float = 30.0
+    max_in_flight: int = 256
+    max_message_bytes: int = 96 * 1024
+    # At-rest encryption keys for queued envelopes: {id = "base64 32 bytes"}. Empty: one key is
+    # generated into data_dir on first start. The highest id (or ``at_rest_current``) encrypts; older
+    # ids still decrypt, so a key can be rotated by adding a new one.
+    at_rest_keys: dict[int, str] = Field(default_factory=dict)
+    at_rest_current: int = 0
+
+
 class LoggingSettings(BaseModel):
     level: str = "INFO"
     access_log: bool = True
@@ -115,6 +126,7 @@ class Settings(BaseSettings):
     registration: RegistrationSettings = Field(default_factory=RegistrationSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     websocket: WebSocketSettings = Field(default_factory=WebSocketSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     model_config = SettingsConfigDict(

@@ -12,15 +12,19 @@ from mailslot.backends.memory.ratelimit import MemoryRateLimitBackend
 from mailslot.backends.sql.accounts import SqlAccountStore
 from mailslot.backends.sql.database import Database
 from mailslot.backends.sql.keys import SqlKeyStore
+from mailslot.backends.sql.messages import SqlMessageStore
 from mailslot.backends.sql.migrations import migrate
 from mailslot.backends.sql.sessions import SqlRefreshTokenStore, SqlVerificationSessionStore
-from mailslot.config import Settings
+from mailslot.config import DeliverySettings, Settings
+from mailslot.crypto.atrest import AtRestKeyring, keyring_from_config
 from mailslot.sealed_sender_setup import load_keys
 from mailslot.services.accounts import AccountService
 from mailslot.services.certificates import CertificateService
 from mailslot.services.container import Services
 from mailslot.services.credentials import Authenticator, TokenService
+from mailslot.services.delivery import DeliveryService
 from mailslot.services.keys import KeyService
+from mailslot.services.presence import LocalPresence
 from mailslot.services.ratelimit import RateLimiters
 from mailslot.services.sms import build_sender
 from mailslot.services.verification import VerificationService
@@ -37,6 +41,14 @@ def _secret_file(data_dir: Path, name: str, nbytes: int = 32) -> bytes:
     with os.fdopen(fd, "w") as handle:
         handle.write(value.hex())
     return value
+
+
+def load_keyring(settings: DeliverySettings, data_dir: Path) -> AtRestKeyring:
+    """The configured at-rest keys, or for the embedded default one key generated into data_dir."""
+    if settings.at_rest_keys:
+        return keyring_from_config(settings.at_rest_keys, settings.at_rest_current or None)
+    key = _secret_file(data_dir, "at_rest.key")
+    return AtRestKeyring({1: key}, 1)
 
 
 def parse_networks(entries: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -69,6 +81,12 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
     tokens = TokenService(
         jwt_secret, refresh_store, settings.auth.access_token_seconds, settings.auth.refresh_token_seconds
     )
+    message_store = SqlMessageStore(db)
+    delivery = DeliveryService(
+        account_store, message_store, limiters, load_keyring(settings.delivery, data_dir), settings.delivery,
+        LocalPresence(),
+    )
+    accounts.disconnect_listeners.append(delivery.disconnect)
     services = Services(
         settings=settings,
         limiters=limiters,
@@ -78,11 +96,13 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
         authenticator=Authenticator(accounts, tokens),
         keys=KeyService(account_store, SqlKeyStore(db), limiters),
         certificates=certificates,
+        delivery=delivery,
         trusted_proxies=parse_networks(settings.server.trusted_proxies),
         trust_root=base64.b64encode(sealed.trust_root).decode(),
     )
     services.retention.purges["verification_sessions"] = session_store.delete_expired
     services.retention.purges["refresh_tokens"] = refresh_store.delete_expired
+    services.retention.purges["messages"] = message_store.delete_expired
     services.readiness_checks["storage"] = db.ping
     services.closers.append(db.close)
     services.closers.append(sender.close)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
+from starlette.websockets import WebSocketDisconnect
 
 from mailslot.protocol.websocket_pb2 import WebSocketMessage, WebSocketRequestMessage
 from tests.helpers import TestAccount, register
@@ -26,22 +28,39 @@ def tunnel(
             return message.response.status, (json.loads(body_bytes) if body_bytes else {})
 
 
+def closed_with(ws: WebSocketTestSession) -> int:
+    with pytest.raises(WebSocketDisconnect) as closed:
+        while True:
+            ws.receive_bytes()
+    return closed.value.code
+
+
 def test_deleted_account_loses_its_open_socket(client: TestClient) -> None:
     account = register(client, "+15555550031")
     with client.websocket_connect("/v1/websocket/", headers=account.auth) as ws:
         status, body = tunnel(ws, "GET", "/v1/accounts/whoami", 1)
         assert status == 200 and body["uuid"] == account.aci
         assert client.delete("/v1/accounts/me", headers=account.auth).status_code == 204
-        status, _ = tunnel(ws, "GET", "/v1/accounts/whoami", 2)
-        assert status == 401
+        assert closed_with(ws) == 4401
 
 
-def test_reregistration_invalidates_the_old_socket(client: TestClient) -> None:
+def test_reregistration_closes_the_old_socket(client: TestClient) -> None:
     first: TestAccount = register(client, "+15555550032")
     with client.websocket_connect("/v1/websocket/", headers=first.auth) as ws:
         assert tunnel(ws, "GET", "/v1/accounts/whoami", 1)[0] == 200
         second = register(client, "+15555550032")
         assert second.aci == first.aci
+        assert closed_with(ws) == 4401
+
+
+def test_socket_that_receives_no_messages_is_still_refused_after_deletion(client: TestClient) -> None:
+    """A socket opened with X-Signal-Disable-Messages holds no presence, so nothing closes it; its
+    requests must still stop being authorised once the credential is gone."""
+    account = register(client, "+15555550034")
+    headers = {**account.auth, "X-Signal-Disable-Messages": "true"}
+    with client.websocket_connect("/v1/websocket/", headers=headers) as ws:
+        assert tunnel(ws, "GET", "/v1/accounts/whoami", 1)[0] == 200
+        assert client.delete("/v1/accounts/me", headers=account.auth).status_code == 204
         assert tunnel(ws, "GET", "/v1/accounts/whoami", 2)[0] == 401
 
 

@@ -66,7 +66,8 @@ def basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-def make_app(**ws_settings: Any) -> FastAPI:
+def make_app(hooks: dict[str, Any] | None = None, **ws_settings: Any) -> FastAPI:
+    hooks = hooks or {}
     app = FastAPI()
     app.state.services = SimpleNamespace(authenticator=FakeAuthenticator())
     if ws_settings:
@@ -123,7 +124,7 @@ def make_app(**ws_settings: Any) -> FastAPI:
     async def boom() -> None:
         raise RuntimeError("boom")
 
-    install_websocket(app)
+    install_websocket(app, on_connected=hooks.get("connected"), on_closed=hooks.get("closed"))
     return app
 
 
@@ -387,7 +388,6 @@ def test_idle_timeout_closes_1000() -> None:
 
 
 def test_server_request_round_trip_and_hooks() -> None:
-    app = make_app()
     results: list[WebSocketResponse] = []
     events: list[str] = []
     done = threading.Event()
@@ -399,7 +399,7 @@ def test_server_request_round_trip_and_hooks() -> None:
         )
         done.set()
 
-    def on_connected(session: WebSocketSession) -> None:
+    async def on_connected(session: WebSocketSession) -> None:
         assert session.principal is not None
         events.append(f"connected {session.principal.device_id}")
         tasks.append(asyncio.get_running_loop().create_task(deliver(session)))
@@ -407,8 +407,7 @@ def test_server_request_round_trip_and_hooks() -> None:
     async def on_closed(session: WebSocketSession) -> None:
         events.append("closed")
 
-    app.state.services.on_socket_connected = on_connected
-    app.state.services.on_socket_closed = on_closed
+    app = make_app(hooks={"connected": on_connected, "closed": on_closed})
 
     with TestClient(app) as client:
         # Anonymous sockets are not announced.

@@ -10,6 +10,7 @@ from mailslot.config import Settings
 from mailslot.services.accounts import AccountService
 from mailslot.services.certificates import CertificateService
 from mailslot.services.credentials import Authenticator, TokenService
+from mailslot.services.delivery import DeliveryService
 from mailslot.services.keys import KeyService
 from mailslot.services.ratelimit import RateLimiters
 from mailslot.services.retention import RetentionJob
@@ -26,6 +27,7 @@ class Services:
     authenticator: Authenticator
     keys: KeyService
     certificates: CertificateService
+    delivery: DeliveryService
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     readiness_checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)

@@ -10,9 +10,12 @@ from mailslot.stores.models import (
     Device,
     DeviceBundle,
     DeviceKeys,
+    NewMessage,
     PreKey,
     RefreshToken,
+    SharedPayload,
     SignedPreKey,
+    StoredMessage,
     VerificationSession,
 )
 
@@ -121,3 +124,33 @@ class KeyStore(Protocol):
         """For each device with a signed and a last-resort key: atomically take at most one one-time EC
         and one one-time KEM key (the last-resort key stands in when no KEM key is left)."""
         ...
+
+
+class MessageStore(Protocol):
+    """Per-device queues of envelopes, oldest first."""
+
+    async def insert(self, messages: list[NewMessage], shared: SharedPayload | None = None) -> list[int]:
+        """Insert every message (and the shared payload) in one transaction; returns their ids in order."""
+        ...
+
+    async def fetch(
+        self, aci: uuid.UUID, device_id: int, exclude: set[int], limit: int, now: int
+    ) -> list[StoredMessage]:
+        """The oldest unexpired messages of the queue, skipping the ids in ``exclude``."""
+        ...
+
+    async def delete(self, aci: uuid.UUID, device_id: int, ids: list[int]) -> int: ...
+
+    async def delete_many(self, keys: list[tuple[uuid.UUID, int, int]]) -> int:
+        """Delete ``(aci, device_id, id)`` rows in one transaction (batched acknowledgements)."""
+        ...
+
+    async def take_by_guid(self, aci: uuid.UUID, device_id: int, guid: uuid.UUID) -> StoredMessage | None:
+        """Delete the message with this GUID from the queue and return it, if it was there."""
+        ...
+
+    async def delete_device(self, aci: uuid.UUID, device_id: int | None) -> None: ...
+
+    async def count(self, aci: uuid.UUID, device_id: int) -> int: ...
+
+    async def delete_expired(self, now: int) -> int: ...

@@ -119,3 +119,34 @@ class RefreshToken:
     device_id: int
     expires_at: int
     used: bool
+
+
+@dataclass(slots=True)
+class NewMessage:
+    """One envelope to queue for one device (``envelope`` already sealed for storage)."""
+
+    aci: uuid.UUID
+    device_id: int
+    guid: uuid.UUID
+    envelope: bytes
+    expires_at: int
+    shared_id: uuid.UUID | None = None
+    recipient_part: bytes | None = None
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    id: int
+    guid: uuid.UUID
+    envelope: bytes
+    expires_at: int
+    shared_id: uuid.UUID | None = None
+    shared_data: bytes | None = None
+    recipient_part: bytes | None = None
+
+
+@dataclass(slots=True)
+class SharedPayload:
+    id: uuid.UUID
+    data: bytes
+    expires_at: int

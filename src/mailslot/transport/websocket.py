@@ -490,16 +490,12 @@ async def _deny(websocket: WebSocket, status: int) -> None:
         await websocket.close()  # uvicorn answers a close before accept with 403
 
 
-async def _call_hook(services: Any, name: str, session: WebSocketSession) -> None:
-    hook = getattr(services, name, None)
-    if hook is None:
-        return
-    result = hook(session)
-    if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
-        await result
+SessionHook = Callable[["WebSocketSession"], Awaitable[None]]
 
 
-def install_websocket(app: Any) -> None:
+def install_websocket(
+    app: Any, on_connected: SessionHook | None = None, on_closed: SessionHook | None = None
+) -> None:
     """Add the ``/v1/websocket/`` route (also without the trailing slash) to ``app``.
 
     ``app`` is the FastAPI/Starlette application; tunnelled requests are run
@@ -543,7 +539,8 @@ def install_websocket(app: Any) -> None:
         try:
             if principal is not None:
                 try:
-                    await _call_hook(services, "on_socket_connected", session)
+                    if on_connected is not None:
+                        await on_connected(session)
                     connected = True
                 except Exception:
                     log.exception("on_socket_connected failed")
@@ -554,7 +551,8 @@ def install_websocket(app: Any) -> None:
             session._mark_closed()
             if connected:
                 try:
-                    await _call_hook(services, "on_socket_closed", session)
+                    if on_closed is not None:
+                        await on_closed(session)
                 except Exception:
                     log.exception("on_socket_closed failed")
             WEBSOCKETS.labels(kind).dec()

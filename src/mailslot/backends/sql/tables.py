@@ -130,7 +130,34 @@ one_time_kem_keys = sa.Table(
     sa.ForeignKeyConstraint(["aci"], ["accounts.aci"], ondelete="CASCADE"),
 )
 
+messages = sa.Table(
+    "messages",
+    metadata,
+    # The per-device queue. ``id`` orders a device's queue; ``envelope`` is the serialized Envelope,
+    # sealed at rest (AES-256-GCM, key id inside). For multi-recipient sends ``envelope`` holds the
+    # envelope without its content and ``shared_id`` names the payload stored once in shared_payloads;
+    # ``recipient_part`` (c ‖ at, 48 bytes) is this device's slice of it.
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("aci", sa.Uuid, nullable=False),
+    sa.Column("device_id", sa.SmallInteger, nullable=False),
+    sa.Column("guid", sa.Uuid, nullable=False, unique=True),
+    sa.Column("envelope", sa.LargeBinary, nullable=False),
+    sa.Column("shared_id", sa.Uuid, nullable=True),
+    sa.Column("recipient_part", sa.LargeBinary, nullable=True),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.Index("messages_queue", "aci", "device_id", "id"),
+    sa.Index("messages_expiry", "expires_at"),
+)
+
+shared_payloads = sa.Table(
+    "shared_payloads",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=False, index=True),
+)
+
 # Tables holding rows keyed by an account, in delete order (children first).
 ACCOUNT_TABLES: tuple[sa.Table, ...] = (
-    refresh_tokens, one_time_ec_keys, one_time_kem_keys, signed_keys, devices, accounts
+    messages, refresh_tokens, one_time_ec_keys, one_time_kem_keys, signed_keys, devices, accounts
 )

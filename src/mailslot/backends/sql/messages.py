@@ -1,0 +1,115 @@
+"""Per-device message queues in SQL."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+
+from mailslot.backends.sql import tables as t
+from mailslot.backends.sql.database import Database
+from mailslot.stores.models import NewMessage, SharedPayload, StoredMessage
+
+_m = t.messages
+_s = t.shared_payloads
+
+_SELECT = (
+    sa.select(_m.c.id, _m.c.guid, _m.c.envelope, _m.c.expires_at, _m.c.shared_id, _m.c.recipient_part, _s.c.data)
+    .select_from(_m.outerjoin(_s, _m.c.shared_id == _s.c.id))
+)
+
+
+def _stored(row: Any) -> StoredMessage:
+    return StoredMessage(row.id, row.guid, row.envelope, row.expires_at, row.shared_id, row.data, row.recipient_part)
+
+
+class SqlMessageStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def insert(self, messages: list[NewMessage], shared: SharedPayload | None = None) -> list[int]:
+        async with self.db.write() as conn:
+            if shared is not None:
+                await conn.execute(_s.insert().values(id=shared.id, data=shared.data, expires_at=shared.expires_at))
+            rows = [
+                {"aci": m.aci, "device_id": m.device_id, "guid": m.guid, "envelope": m.envelope,
+                 "expires_at": m.expires_at, "shared_id": m.shared_id, "recipient_part": m.recipient_part}
+                for m in messages
+            ]
+            if not rows:
+                return []
+            if len(rows) == 1:
+                result = await conn.execute(_m.insert().values(**rows[0]).returning(_m.c.id))
+                return [int(result.scalar_one())]
+            # RETURNING with many rows keeps the order of the VALUES list on both engines.
+            result = await conn.execute(_m.insert().values(rows).returning(_m.c.id, _m.c.guid))
+            ids = {row.guid: int(row.id) for row in result}
+            return [ids[m.guid] for m in messages]
+
+    async def fetch(
+        self, aci: uuid.UUID, device_id: int, exclude: set[int], limit: int, now: int
+    ) -> list[StoredMessage]:
+        query = _SELECT.where(_m.c.aci == aci, _m.c.device_id == device_id, _m.c.expires_at > now)
+        if exclude:
+            query = query.where(_m.c.id.not_in(list(exclude)))
+        async with self.db.read() as conn:
+            result = await conn.execute(query.order_by(_m.c.id).limit(limit))
+            return [_stored(row) for row in result]
+
+    async def delete(self, aci: uuid.UUID, device_id: int, ids: list[int]) -> int:
+        if not ids:
+            return 0
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                _m.delete().where(_m.c.aci == aci, _m.c.device_id == device_id, _m.c.id.in_(ids))
+            )
+            return int(result.rowcount or 0)
+
+    async def delete_many(self, keys: list[tuple[uuid.UUID, int, int]]) -> int:
+        if not keys:
+            return 0
+        # Ids are unique across queues; the owner columns only guard against a wrong id.
+        owners = {(aci, device) for aci, device, _ in keys}
+        ids = [message_id for _, _, message_id in keys]
+        async with self.db.write() as conn:
+            if len(owners) == 1:
+                aci, device = next(iter(owners))
+                result = await conn.execute(
+                    _m.delete().where(_m.c.aci == aci, _m.c.device_id == device, _m.c.id.in_(ids))
+                )
+            else:
+                result = await conn.execute(_m.delete().where(_m.c.id.in_(ids)))
+            return int(result.rowcount or 0)
+
+    async def take_by_guid(self, aci: uuid.UUID, device_id: int, guid: uuid.UUID) -> StoredMessage | None:
+        async with self.db.write() as conn:
+            row = (
+                await conn.execute(_SELECT.where(_m.c.aci == aci, _m.c.device_id == device_id, _m.c.guid == guid))
+            ).first()
+            if row is None:
+                return None
+            await conn.execute(_m.delete().where(_m.c.id == row.id))
+            return _stored(row)
+
+    async def delete_device(self, aci: uuid.UUID, device_id: int | None) -> None:
+        query = _m.delete().where(_m.c.aci == aci)
+        if device_id is not None:
+            query = query.where(_m.c.device_id == device_id)
+        async with self.db.write() as conn:
+            await conn.execute(query)
+
+    async def count(self, aci: uuid.UUID, device_id: int) -> int:
+        async with self.db.read() as conn:
+            value = await conn.scalar(
+                sa.select(sa.func.count()).select_from(_m).where(_m.c.aci == aci, _m.c.device_id == device_id)
+            )
+            return int(value or 0)
+
+    async def delete_expired(self, now: int) -> int:
+        async with self.db.write() as conn:
+            result = await conn.execute(_m.delete().where(_m.c.expires_at <= now))
+            # A shared payload goes once no queued message refers to it any more (or it expired).
+            referenced = sa.select(_m.c.shared_id).where(_m.c.shared_id == _s.c.id).exists()
+            shared = await conn.execute(_s.delete().where(sa.or_(_s.c.expires_at <= now, ~referenced)))
+            return int(result.rowcount or 0) + int(shared.rowcount or 0)

@@ -1,0 +1,189 @@
+"""The sender loop of one authenticated socket (digest §6.4).
+
+On connect: take the device's presence (displacing an older socket with 4409), stream the queue in
+order with a bounded number of deliveries in flight, then send ``PUT /api/v1/queue/empty`` once. New
+messages arrive in memory from the send path; the queue is read again only when that hand-over
+overflowed. A 2xx answer deletes the envelope (and queues the sender's receipt); anything else leaves it
+queued for the next connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from mailslot.services.delivery import DeliveryService
+from mailslot.services.presence import Outgoing
+from mailslot.transport.websocket import WebSocketClosedError, WebSocketResponse, WebSocketSession
+
+log = logging.getLogger("mailslot.delivery")
+
+MESSAGE_PATH = "/api/v1/message"
+QUEUE_EMPTY_PATH = "/api/v1/queue/empty"
+ACK_TIMEOUT_SECONDS = 60.0
+MAX_HANDOVER = 1024  # messages kept in memory for a device before falling back to reading the queue
+RECENT_DONE = 4096
+
+
+class SocketDelivery:
+    def __init__(self, session: WebSocketSession, delivery: DeliveryService, max_in_flight: int) -> None:
+        principal = session.principal
+        assert principal is not None
+        self.session = session
+        self.delivery = delivery
+        self.key = (principal.aci, principal.device_id)
+        self.receive_stories = session.upgrade_headers.get("x-signal-receive-stories", "").lower() == "true"
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._handover: deque[Outgoing] = deque()
+        self._read_queue = True  # the backlog is read first
+        self._wake = asyncio.Event()
+        self._wake.set()
+        # Ids sent on this socket and not yet settled (acked and deleted, or refused).
+        self._in_flight: set[int] = set()
+        # Ids the client refused: they stay queued but are not sent again on this socket.
+        self._refused: set[int] = set()
+        self._recent: OrderedDict[int, None] = OrderedDict()
+        self._task: asyncio.Task[None] | None = None
+        self._answers: set[asyncio.Task[None]] = set()
+
+    # -- DeviceListener -------------------------------------------------------------------------
+
+    def notify(self, messages: Sequence[Outgoing] | None) -> None:
+        if messages is None or len(self._handover) + len(messages) > MAX_HANDOVER:
+            self._handover.clear()
+            self._read_queue = True
+        else:
+            self._handover.extend(messages)
+        self._wake.set()
+
+    async def displace(self, code: int, reason: str) -> None:
+        await self.session.close(code, reason)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="mailslot-sender-loop")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        first = True
+        try:
+            while not self.session.closed:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._read_queue:
+                    self._read_queue = False
+                    await self._drain_queue()
+                    if first:
+                        first = False
+                        await self.session.start_request("PUT", QUEUE_EMPTY_PATH, None, [_timestamp_header()])
+                while self._handover:
+                    message = self._handover.popleft()
+                    if message.id in self._in_flight or message.id in self._recent or message.id in self._refused:
+                        continue
+                    await self._deliver(message)
+        except (WebSocketClosedError, asyncio.CancelledError):
+            pass
+        except Exception:
+            log.exception("sender loop failed")
+            await self.session.close(1011, "Failed to retrieve messages")
+
+    async def _drain_queue(self) -> None:
+        while not self.session.closed:
+            exclude = self._in_flight | self._refused
+            batch = await self.delivery.fetch(self.key[0], self.key[1], exclude, limit=100)
+            if not batch:
+                return
+            for message in batch:
+                await self._deliver(message)
+
+    async def _deliver(self, message: Outgoing) -> None:
+        if message.story and not self.receive_stories:
+            # Stories go only to sockets that asked for them; for the others they are dropped (§6.4).
+            self._in_flight.add(message.id)
+            self._spawn(self._settle(message, acknowledged=True))
+            return
+        await self._slots.acquire()
+        self._in_flight.add(message.id)
+        try:
+            future = await self.session.start_request("PUT", MESSAGE_PATH, message.envelope, [_timestamp_header()])
+        except Exception:
+            self._in_flight.discard(message.id)
+            self._slots.release()
+            raise
+        self._spawn(self._await_answer(message, future))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
+
+    async def _await_answer(self, message: Outgoing, future: asyncio.Future[WebSocketResponse]) -> None:
+        acknowledged = False
+        try:
+            async with asyncio.timeout(ACK_TIMEOUT_SECONDS):
+                response = await future
+            acknowledged = response.ok
+        except (TimeoutError, WebSocketClosedError, asyncio.CancelledError):
+            self.session.forget(future)
+        finally:
+            self._slots.release()
+        await self._settle(message, acknowledged)
+
+    async def _settle(self, message: Outgoing, acknowledged: bool) -> None:
+        if not acknowledged:
+            self._in_flight.discard(message.id)
+            self._refused.add(message.id)
+            return
+        try:
+            await self.delivery.acknowledge(self.key[0], self.key[1], message)
+        except Exception:
+            log.exception("acknowledgement failed; the message stays queued")
+            self._in_flight.discard(message.id)
+            self._refused.add(message.id)
+            return
+        self._in_flight.discard(message.id)
+        self._recent[message.id] = None
+        if len(self._recent) > RECENT_DONE:
+            self._recent.popitem(last=False)
+
+
+def _timestamp_header() -> str:
+    return f"X-Signal-Timestamp:{int(time.time() * 1000)}"
+
+
+class DeliveryHooks:
+    """Connect and close hooks for the WebSocket route: presence, displacement and the sender loop."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._loops: dict[int, SocketDelivery] = {}
+
+    async def connected(self, session: WebSocketSession) -> None:
+        if session.upgrade_headers.get("x-signal-disable-messages", "").lower() == "true":
+            return
+        services = self.app.state.services
+        delivery: DeliveryService = services.delivery
+        loop = SocketDelivery(session, delivery, services.settings.delivery.max_in_flight)
+        previous = delivery.presence.register(loop.key, loop)
+        if previous is not None:
+            await previous.displace(4409, "Connected elsewhere")
+        self._loops[id(session)] = loop
+        loop.start()
+
+    async def closed(self, session: WebSocketSession) -> None:
+        loop = self._loops.pop(id(session), None)
+        if loop is None:
+            return
+        self.app.state.services.delivery.presence.unregister(loop.key, loop)
+        await loop.stop()
