@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from mailslot import __version__
 from mailslot.api import accounts, certificates, keys, messages, misc, registration
 from mailslot.api.errors import install_error_handlers
+from mailslot.api.fast import TunnelFastPath
 from mailslot.config import Settings
 from mailslot.observability.middleware import ObservabilityMiddleware
 from mailslot.services.container import Services
@@ -48,7 +49,9 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app.include_router(certificates.router)
     app.include_router(misc.router)
     hooks = DeliveryHooks(app)
-    install_websocket(app, on_connected=hooks.connected, on_closed=hooks.closed)
+    install_websocket(
+        app, on_connected=hooks.connected, on_closed=hooks.closed, fast_path=TunnelFastPath(app)
+    )
     app.add_middleware(
         ObservabilityMiddleware,
         max_body_bytes=settings.server.max_body_bytes,

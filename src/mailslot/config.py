@@ -42,6 +42,9 @@ class StorageSettings(BaseModel):
     # PostgreSQL schema (search_path) to use; empty means the server default. Tests use it to isolate runs.
     schema_name: str = Field(default="", alias="schema")
     pool_size: int = 10
+    # Accounts are read on every request; this long a read may be served from memory. Writes by this
+    # process are seen at once, writes by other nodes after at most this long. 0 turns the cache off.
+    account_cache_seconds: float = 1.0
 
     model_config = {"populate_by_name": True}
 

@@ -8,6 +8,7 @@ import os
 import secrets
 from pathlib import Path
 
+from mailslot.backends.memory.account_cache import CachedAccountStore
 from mailslot.backends.memory.ratelimit import MemoryRateLimitBackend
 from mailslot.backends.sql.accounts import SqlAccountStore
 from mailslot.backends.sql.database import Database
@@ -67,7 +68,7 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
     sender = build_sender(settings.registration)
     session_store = SqlVerificationSessionStore(db)
     verification = VerificationService(session_store, sender, limiters, settings.registration)
-    account_store = SqlAccountStore(db)
+    account_store = CachedAccountStore(SqlAccountStore(db), settings.storage.account_cache_seconds)
     accounts = AccountService(account_store, verification, limiters)
     try:
         sealed = load_keys(settings.sealed_sender, data_dir)

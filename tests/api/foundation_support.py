@@ -77,6 +77,7 @@ def add_linked_device(client: TestClient, aci: str, device_id: int = 2) -> dict[
             )
 
     call(client, insert)
+    store.invalidate(uuid.UUID(aci))  # written behind the account cache's back
     return basic(f"{aci}.{device_id}", password)
 
 

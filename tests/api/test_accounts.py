@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from mailslot.backends.sql.accounts import SqlAccountStore
 from tests.api.foundation_support import (
     LOCK_TOKEN,
     account_by_aci,
@@ -266,7 +265,6 @@ def test_delete_account_leaves_nothing(client: TestClient) -> None:
     assert client.delete("/v1/accounts/me", headers=account.auth).status_code == 204
 
     store = services(client).accounts.store
-    assert isinstance(store, SqlAccountStore)
     counts = call(client, store.count_rows_for, aci)
     assert counts and all(n == 0 for n in counts.values()), counts
     assert all(n == 0 for n in rows_referencing(client, aci).values())

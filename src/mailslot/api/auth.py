@@ -16,7 +16,13 @@ TUNNEL_KEY = "mailslot.tunnel"
 PRINCIPAL_KEY = "mailslot.principal"
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
+    # async on purpose: FastAPI runs plain-def dependencies in a thread pool, one hop per request.
+    svc: Services = request.app.state.services
+    return svc
+
+
+def _services(request: Request) -> Services:
     svc: Services = request.app.state.services
     return svc
 
@@ -31,7 +37,7 @@ async def _socket_principal(request: Request) -> Principal | None:
     principal: Principal | None = request.scope.get(PRINCIPAL_KEY)
     if principal is None:
         return None
-    account = await services(request).accounts.get_by_aci(principal.aci)
+    account = await _services(request).accounts.get_by_aci(principal.aci)
     device = account.device(principal.device_id) if account else None
     if account is None or device is None or device.auth_hash != principal.device.auth_hash:
         return None
@@ -44,7 +50,7 @@ async def optional_principal(request: Request) -> Principal | None:
     header = request.headers.get("authorization")
     if not header:
         return None
-    return await services(request).authenticator.authenticate_header(header)
+    return await _services(request).authenticator.authenticate_header(header)
 
 
 async def require_principal(request: Request) -> Principal:
@@ -69,7 +75,7 @@ def is_authenticated_request(request: Request) -> bool:
 def client_ip(request: Request) -> str:
     """The peer address, or the nearest untrusted ``X-Forwarded-For`` hop when the peer is a trusted proxy."""
     peer = request.client.host if request.client else "0.0.0.0"  # noqa: S104 - a placeholder, not a bind
-    trusted = services(request).trusted_proxies
+    trusted = _services(request).trusted_proxies
     if not trusted or not _in(peer, trusted):
         return peer
     forwarded = request.headers.get("x-forwarded-for", "")

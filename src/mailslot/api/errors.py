@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -40,35 +41,52 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
-async def _service_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ServiceError)
+ErrorParts = tuple[int, dict[str, str], Any]
+
+
+def service_error_parts(exc: ServiceError) -> ErrorParts:
     body = exc.body if exc.body is not None else error_body(exc.code, exc.message)
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+    return exc.status, exc.headers, body
 
 
-async def _rate_limited(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RateLimitExceeded)
+def rate_limited_parts(exc: RateLimitExceeded) -> ErrorParts:
     headers = {}
     if exc.retry_after_seconds is not None:
         headers["Retry-After"] = str(exc.retry_after_seconds)
-    return JSONResponse(error_body("rate_limited", "too many requests; try again later"),
-                        status_code=429, headers=headers)
+    return 429, headers, error_body("rate_limited", "too many requests; try again later")
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+def validation_error_parts(errors_in: Sequence[Any], prefix: tuple[Any, ...] = ()) -> ErrorParts:
     errors = []
-    for err in exc.errors():
+    for err in errors_in:
         message = str(err.get("msg", "invalid value"))
-        field = _field_name(tuple(err.get("loc", ())))
+        field = _field_name(prefix + tuple(err.get("loc", ())))
         if err.get("type") == "json_invalid":
             # The location of a JSON syntax error is a character offset, not a field.
             message, field = "body is not valid JSON", "body"
         errors.append({"field": field, "message": message})
     first = errors[0] if errors else {"field": "body", "message": "invalid request"}
-    return JSONResponse(
-        error_body("invalid_request", f"{first['field']}: {first['message']}", errors=errors), status_code=422
-    )
+    return 422, {}, error_body("invalid_request", f"{first['field']}: {first['message']}", errors=errors)
+
+
+def _json(parts: ErrorParts) -> JSONResponse:
+    status, headers, body = parts
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _service_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return _json(service_error_parts(exc))
+
+
+async def _rate_limited(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RateLimitExceeded)
+    return _json(rate_limited_parts(exc))
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return _json(validation_error_parts(exc.errors()))
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:

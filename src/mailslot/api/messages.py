@@ -92,7 +92,14 @@ async def send_message(
         if story or principal is not None or unidentified_access_key is not None:
             raise ApiError(400, "conflicting_credentials", "a group send token cannot be combined with other auth")
         raise ApiError(401, "unsupported_credential", "group send tokens are not offered by this server")
-    request = SendRequest(
+    sender = None if story else principal
+    return await svc.delivery.send(
+        sender, _access_key(unidentified_access_key), destination, send_request_from(body), story
+    )
+
+
+def send_request_from(body: IncomingMessageList) -> SendRequest:
+    return SendRequest(
         messages=[
             IncomingMessage(m.type, m.destinationDeviceId, m.destinationRegistrationId, m.content)
             for m in body.messages
@@ -101,8 +108,6 @@ async def send_message(
         online=body.online,
         urgent=body.urgent,
     )
-    sender = None if story else principal
-    return await svc.delivery.send(sender, _access_key(unidentified_access_key), destination, request, story)
 
 
 def _entity(envelope_bytes: bytes) -> dict[str, Any]:

@@ -85,7 +85,8 @@ class ObservabilityMiddleware:
         transport = "websocket" if tunnelled else "http"
         HTTP_REQUESTS.labels(route, scope["method"], str(status), transport).inc()
         HTTP_LATENCY.labels(route).observe(elapsed)
-        if self.access_log_on:
+        # Tunnelled requests (one per message on a busy socket) are logged only when they fail.
+        if self.access_log_on and (not tunnelled or status >= 400):
             client = scope.get("client")
             access_log.info(
                 "request",

@@ -13,7 +13,6 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,11 +108,58 @@ def _mismatched(account: Account, wanted: dict[int, int], skip_device: int | Non
 
 
 @dataclass(slots=True)
-class _PendingAck:
-    aci: uuid.UUID
-    device_id: int
-    message: Outgoing
-    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+class _Write:
+    messages: list[NewMessage]
+    shared: list[SharedPayload]
+    deletes: list[tuple[uuid.UUID, int, int]]
+    done: asyncio.Future[list[int]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class GroupCommit:
+    """Writes of concurrent requests share one transaction.
+
+    A write waits while the previous transaction commits, then goes with every write that arrived
+    meanwhile. Nothing is answered before its transaction has committed, so durability holds; the
+    number of commits per second stops bounding the number of messages per second.
+    """
+
+    def __init__(self, store: MessageStore, max_batch: int = 500) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self._pending: list[_Write] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(
+        self,
+        messages: list[NewMessage],
+        shared: list[SharedPayload] | None = None,
+        deletes: list[tuple[uuid.UUID, int, int]] | None = None,
+    ) -> list[int]:
+        write = _Write(messages, shared or [], deletes or [])
+        self._pending.append(write)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+        return await write.done
+
+    async def _run(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            messages = [m for w in batch for m in w.messages]
+            shared = [p for w in batch for p in w.shared]
+            deletes = [d for w in batch for d in w.deletes]
+            try:
+                ids = await self.store.apply(messages, shared, deletes)
+            except Exception as exc:
+                for write in batch:
+                    if not write.done.done():
+                        write.done.set_exception(exc)
+                continue
+            start = 0
+            for write in batch:
+                count = len(write.messages)
+                if not write.done.done():
+                    write.done.set_result(ids[start : start + count])
+                start += count
 
 
 class DeliveryService:
@@ -132,8 +178,7 @@ class DeliveryService:
         self.keyring = keyring
         self.settings = settings
         self.presence = presence
-        self._acks: list[_PendingAck] = []
-        self._ack_flush: asyncio.Task[None] | None = None
+        self.writer = GroupCommit(messages)
         self._ephemeral_ids = -1
 
     # -- at rest ------------------------------------------------------------------------------------
@@ -242,29 +287,16 @@ class DeliveryService:
 
     async def _enqueue(self, items: list[tuple[DeviceKey, Outgoing, bytes]], ephemeral: bool) -> None:
         """Commit (unless ephemeral) and hand over to present devices."""
-        expires = self._expiry()
-        stored: list[tuple[DeviceKey, Outgoing, bytes]] = []
-        for key, out, envelope in items:
-            if ephemeral:
-                if self.presence.is_present(key):
-                    self._ephemeral_ids -= 1
-                    out.id = self._ephemeral_ids
-                    out.envelope = envelope
-                    self.presence.notify(key, [out])
-                continue
-            stored.append((key, out, envelope))
-        if not stored:
+        if not ephemeral:
+            await self._store_and_notify(items, [])
             return
-        rows = [
-            NewMessage(key[0], key[1], out.guid, self.keyring.seal(envelope, self._row_ad(key[0], key[1], out.guid)),
-                       expires)
-            for key, out, envelope in stored
-        ]
-        ids = await self.messages.insert(rows)
-        for (key, out, envelope), row_id in zip(stored, ids, strict=True):
-            out.id = row_id
-            out.envelope = envelope
-            self.presence.notify(key, [out])
+        for key, out, envelope in items:
+            # Ephemeral messages are never stored: only a device connected now gets them.
+            if self.presence.is_present(key):
+                self._ephemeral_ids -= 1
+                out.id = self._ephemeral_ids
+                out.envelope = envelope
+                self.presence.notify(key, [out])
 
     async def send_multi_recipient(
         self, access_key: bytes | None, payload: bytes, timestamp: int, online: bool, urgent: bool, story: bool,
@@ -363,7 +395,7 @@ class DeliveryService:
                                               expires, shared_id, part))
                 handover.append((key, out))
         if stored_rows:
-            ids = await self.messages.insert(stored_rows, shared)
+            ids = await self.writer.submit(stored_rows, [shared])
             for (key, out), row_id in zip(handover, ids, strict=True):
                 out.id = row_id
                 self.presence.notify(key, [out])
@@ -383,70 +415,61 @@ class DeliveryService:
         return result
 
     async def acknowledge(self, aci: uuid.UUID, device_id: int, message: Outgoing) -> None:
-        """Delete an acknowledged envelope and queue the sender's delivery receipt.
+        """Delete an acknowledged envelope and queue the sender's delivery receipts, in one group commit."""
+        receipts = await self._receipts(aci, device_id, message)
+        deletes = [(aci, device_id, message.id)] if message.id > 0 else []
+        await self._store_and_notify(receipts, deletes)
 
-        Acknowledgements arriving together share one transaction (they are batched until the
-        previous batch has committed)."""
-        pending = _PendingAck(aci, device_id, message)
-        self._acks.append(pending)
-        if self._ack_flush is None or self._ack_flush.done():
-            self._ack_flush = asyncio.create_task(self._flush_acks())
-        await pending.done
+    async def _store_and_notify(
+        self, items: list[tuple[DeviceKey, Outgoing, bytes]], deletes: list[tuple[uuid.UUID, int, int]]
+    ) -> None:
+        expires = self._expiry()
+        rows = [
+            NewMessage(key[0], key[1], out.guid, self.keyring.seal(envelope, self._row_ad(key[0], key[1], out.guid)),
+                       expires)
+            for key, out, envelope in items
+        ]
+        ids = await self.writer.submit(rows, deletes=deletes)
+        for (key, out, envelope), row_id in zip(items, ids, strict=True):
+            out.id = row_id
+            out.envelope = envelope
+            self.presence.notify(key, [out])
 
-    async def _flush_acks(self) -> None:
-        while self._acks:
-            batch, self._acks = self._acks, []
-            try:
-                stored = [(p.aci, p.device_id, p.message.id) for p in batch if p.message.id > 0]
-                await self.messages.delete_many(stored)
-                await self._receipts(batch)
-            except Exception as exc:
-                for p in batch:
-                    if not p.done.done():
-                        p.done.set_exception(exc)
-                continue
-            for p in batch:
-                if not p.done.done():
-                    p.done.set_result(None)
-
-    async def _receipts(self, batch: Sequence[_PendingAck]) -> None:
+    async def _receipts(
+        self, aci: uuid.UUID, device_id: int, message: Outgoing
+    ) -> list[tuple[DeviceKey, Outgoing, bytes]]:
         """Server delivery receipts (type 5) for identified, non-receipt, non-self envelopes (§5.3)."""
-        items: list[tuple[DeviceKey, Outgoing, bytes]] = []
-        senders: dict[uuid.UUID, Account | None] = {}
+        envelope = Envelope.FromString(message.envelope)
+        if envelope.type == RECEIPT_TYPE or not envelope.HasField("source_service_id"):
+            return []
+        try:
+            source = uuid.UUID(bytes=envelope.source_service_id)
+        except ValueError:
+            return []
+        if source == aci:
+            return []
+        account = await self.accounts.get_by_aci(source)
+        if account is None:
+            return []
         now = _now_ms()
-        for pending in batch:
-            envelope = Envelope.FromString(pending.message.envelope)
-            if envelope.type == RECEIPT_TYPE or not envelope.HasField("source_service_id"):
-                continue
-            try:
-                source = uuid.UUID(bytes=envelope.source_service_id)
-            except ValueError:
-                continue
-            if source == pending.aci:
-                continue
-            if source not in senders:
-                senders[source] = await self.accounts.get_by_aci(source)
-            account = senders[source]
-            if account is None:
-                continue
-            for device in account.devices:
-                guid = uuid.uuid4()
-                receipt = Envelope(
-                    type=RECEIPT_TYPE,  # type: ignore[arg-type]
-                    source_service_id=envelope.destination_service_id,
-                    source_service_id_string=envelope.destination_service_id_string,
-                    source_device=pending.device_id,
-                    destination_service_id=source.bytes,
-                    destination_service_id_string=str(source),
-                    client_timestamp=envelope.client_timestamp,
-                    server_timestamp=now,
-                    server_guid=guid.bytes,
-                    server_guid_string=str(guid),
-                    urgent=False,
-                )
-                items.append(((source, device.device_id), Outgoing(0, guid, b""), receipt.SerializeToString()))
-        if items:
-            await self._enqueue(items, ephemeral=False)
+        items: list[tuple[DeviceKey, Outgoing, bytes]] = []
+        for device in account.devices:
+            guid = uuid.uuid4()
+            receipt = Envelope(
+                type=RECEIPT_TYPE,  # type: ignore[arg-type]
+                source_service_id=envelope.destination_service_id,
+                source_service_id_string=envelope.destination_service_id_string,
+                source_device=device_id,
+                destination_service_id=source.bytes,
+                destination_service_id_string=str(source),
+                client_timestamp=envelope.client_timestamp,
+                server_timestamp=now,
+                server_guid=guid.bytes,
+                server_guid_string=str(guid),
+                urgent=False,
+            )
+            items.append(((source, device.device_id), Outgoing(0, guid, b""), receipt.SerializeToString()))
+        return items
 
     async def take_by_guid(self, aci: uuid.UUID, device_id: int, guid: uuid.UUID) -> bool:
         """The polling client's acknowledgement (``DELETE /v1/messages/uuid/{guid}``)."""

@@ -133,6 +133,12 @@ class MessageStore(Protocol):
         """Insert every message (and the shared payload) in one transaction; returns their ids in order."""
         ...
 
+    async def apply(
+        self, messages: list[NewMessage], shared: list[SharedPayload], deletes: list[tuple[uuid.UUID, int, int]]
+    ) -> list[int]:
+        """Inserts and deletes gathered from many requests, in one transaction (group commit)."""
+        ...
+
     async def fetch(
         self, aci: uuid.UUID, device_id: int, exclude: set[int], limit: int, now: int
     ) -> list[StoredMessage]:

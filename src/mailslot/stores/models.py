@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 PRIMARY_DEVICE_ID = 1
 
@@ -49,6 +49,14 @@ class Account:
     totp_pending_secret: str | None = None
     totp_backup_codes: list[str] = field(default_factory=list)
     devices: list[Device] = field(default_factory=list)
+
+    def copy(self) -> Account:
+        """A copy whose devices and lists can be changed without touching this one."""
+        return replace(
+            self,
+            totp_backup_codes=list(self.totp_backup_codes),
+            devices=[replace(d, capabilities=dict(d.capabilities)) for d in self.devices],
+        )
 
     def device(self, device_id: int) -> Device | None:
         for device in self.devices:

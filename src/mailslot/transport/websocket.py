@@ -150,12 +150,14 @@ class WebSocketSession:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
         max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS,
+        fast_path: FastPath | None = None,
     ) -> None:
         self.websocket = websocket
         self.principal = principal
         self.max_frame_bytes = max_frame_bytes
         self.idle_timeout = idle_timeout
         self._app = app
+        self._fast_path = fast_path
         self._scope = websocket.scope
         self._send = websocket.send
         self._slots = asyncio.Semaphore(max_concurrent_requests)
@@ -263,9 +265,8 @@ class WebSocketSession:
 
     # ------------------------------------------------------ tunnelled requests
 
-    def build_scope(self, request: WebSocketRequestMessage) -> Scope:
-        """The ASGI ``http`` scope for one tunnelled request (header rules of §6.3)."""
-        raw_path, _, query = request.path.partition("?")
+    @staticmethod
+    def _inner_headers(request: WebSocketRequestMessage) -> dict[bytes, bytes]:
         inner: dict[bytes, bytes] = {}
         for entry in request.headers:
             parts = entry.split(":")
@@ -275,6 +276,19 @@ class WebSocketSession:
             if not name or name in _INNER_DROPPED:
                 continue
             inner[name.encode()] = parts[1].strip().encode()
+        return inner
+
+    def request_headers(self, request: WebSocketRequestMessage) -> dict[str, str]:
+        """The headers a tunnelled request is handled with (§6.3 rules), names lower-cased."""
+        merged = {name.decode("latin-1"): value.decode("latin-1") for name, value in self._base_headers}
+        for name, value in self._inner_headers(request).items():
+            merged[name.decode("latin-1")] = value.decode("latin-1")
+        return merged
+
+    def build_scope(self, request: WebSocketRequestMessage) -> Scope:
+        """The ASGI ``http`` scope for one tunnelled request (header rules of §6.3)."""
+        raw_path, _, query = request.path.partition("?")
+        inner = self._inner_headers(request)
         headers = [item for item in self._base_headers if item[0] not in inner]
         headers.extend(inner.items())
         if request.HasField("body"):
@@ -305,6 +319,18 @@ class WebSocketSession:
     async def _handle_request(self, request: WebSocketRequestMessage) -> None:
         has_id = request.HasField("id")
         request_id = request.id
+        if self._fast_path is not None:
+            try:
+                answer = await self._fast_path(self, request)
+            except Exception:
+                log.exception("tunnelled %s request failed", request.verb)
+                answer = (500, [], b"")
+            if answer is not None:
+                if has_id:
+                    fast_status, fast_headers, fast_body = answer
+                    reason = "Error response" if fast_status == 500 else _reason_phrase(fast_status)
+                    await self._send_response(request_id, fast_status, reason, fast_headers, fast_body)
+                return
         body = request.body
         status = 0
         response_headers: list[str] = []
@@ -492,9 +518,16 @@ async def _deny(websocket: WebSocket, status: int) -> None:
 
 SessionHook = Callable[["WebSocketSession"], Awaitable[None]]
 
+FastResponse = tuple[int, list[str], bytes]
+FastPath = Callable[["WebSocketSession", WebSocketRequestMessage], Awaitable[FastResponse | None]]
+"""A handler that may answer a tunnelled request without the ASGI stack (None: not handled)."""
+
 
 def install_websocket(
-    app: Any, on_connected: SessionHook | None = None, on_closed: SessionHook | None = None
+    app: Any,
+    on_connected: SessionHook | None = None,
+    on_closed: SessionHook | None = None,
+    fast_path: FastPath | None = None,
 ) -> None:
     """Add the ``/v1/websocket/`` route (also without the trailing slash) to ``app``.
 
@@ -527,6 +560,7 @@ def install_websocket(
             principal,
             max_frame_bytes=int(_setting(state, "max_frame_bytes", DEFAULT_MAX_FRAME_BYTES)),
             idle_timeout=float(_setting(state, "idle_timeout_seconds", DEFAULT_IDLE_TIMEOUT_SECONDS)),
+            fast_path=fast_path,
         )
         await websocket.accept()
         connected = False

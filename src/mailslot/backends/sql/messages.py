@@ -20,6 +20,9 @@ _SELECT = (
 )
 
 
+_INSERT = _m.insert().returning(_m.c.id, sort_by_parameter_order=True)
+
+
 def _stored(row: Any) -> StoredMessage:
     return StoredMessage(row.id, row.guid, row.envelope, row.expires_at, row.shared_id, row.data, row.recipient_part)
 
@@ -29,23 +32,30 @@ class SqlMessageStore:
         self.db = db
 
     async def insert(self, messages: list[NewMessage], shared: SharedPayload | None = None) -> list[int]:
+        return await self.apply(messages, [shared] if shared is not None else [], [])
+
+    async def apply(
+        self, messages: list[NewMessage], shared: list[SharedPayload], deletes: list[tuple[uuid.UUID, int, int]]
+    ) -> list[int]:
+        """Inserts and deletes of many requests in one transaction (group commit); returns the new ids."""
         async with self.db.write() as conn:
-            if shared is not None:
-                await conn.execute(_s.insert().values(id=shared.id, data=shared.data, expires_at=shared.expires_at))
-            rows = [
-                {"aci": m.aci, "device_id": m.device_id, "guid": m.guid, "envelope": m.envelope,
-                 "expires_at": m.expires_at, "shared_id": m.shared_id, "recipient_part": m.recipient_part}
-                for m in messages
-            ]
-            if not rows:
-                return []
-            if len(rows) == 1:
-                result = await conn.execute(_m.insert().values(**rows[0]).returning(_m.c.id))
-                return [int(result.scalar_one())]
-            # RETURNING with many rows keeps the order of the VALUES list on both engines.
-            result = await conn.execute(_m.insert().values(rows).returning(_m.c.id, _m.c.guid))
-            ids = {row.guid: int(row.id) for row in result}
-            return [ids[m.guid] for m in messages]
+            if shared:
+                await conn.execute(
+                    _s.insert(), [{"id": p.id, "data": p.data, "expires_at": p.expires_at} for p in shared]
+                )
+            ids: list[int] = []
+            if messages:
+                rows = [
+                    {"aci": m.aci, "device_id": m.device_id, "guid": m.guid, "envelope": m.envelope,
+                     "expires_at": m.expires_at, "shared_id": m.shared_id, "recipient_part": m.recipient_part}
+                    for m in messages
+                ]
+                # executemany with RETURNING: one cached statement whatever the batch size, ids in order.
+                result = await conn.execute(_INSERT, rows)
+                ids = [int(row.id) for row in result]
+            if deletes:
+                await conn.execute(_m.delete().where(_m.c.id.in_([message_id for _, _, message_id in deletes])))
+            return ids
 
     async def fetch(
         self, aci: uuid.UUID, device_id: int, exclude: set[int], limit: int, now: int
