@@ -78,8 +78,11 @@ class TunnelFastPath:
     ) -> tuple[int, tuple[int, list[str], bytes]]:
         services: Services = self.app.state.services
         parts: ErrorParts
+        if not body:
+            parts = validation_error_parts([{"loc": ("body",), "msg": "Field required", "type": "missing"}])
+            return parts[0], _answer(*parts)
         try:
-            model = IncomingMessageList.model_validate_json(body or b"null")
+            model = IncomingMessageList.model_validate_json(body)
         except ValidationError as exc:
             parts = validation_error_parts(exc.errors(), ("body",))
             return parts[0], _answer(*parts)
