@@ -784,3 +784,227 @@ export function describeLibsignalError(e) {
   }
   return String(e?.stack ?? e);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Message delivery: a listener that records server pushes, and a minimal Envelope decoder
+
+/**
+ * A `ChatServiceListener` for authenticated connections that records what the server pushes
+ * (`PUT /api/v1/message` → onIncomingMessage, `PUT /api/v1/queue/empty` → onQueueEmpty) and lets
+ * a test wait for it.
+ *
+ * `ack`: a status code sent back at once for every message (default 200), or null to leave each
+ * message unanswered until the test calls `message.ack(status)` itself (or never does).
+ * Each recorded message: { envelope (bytes), decoded (see decodeEnvelope), timestamp (the
+ * X-Signal-Timestamp libsignal read, ms), receivedAt (Date.now()), ack(status), ackedWith }.
+ */
+export class RecordingListener {
+  constructor({ ack = 200, name = 'listener' } = {}) {
+    this.autoAck = ack;
+    this.name = name;
+    this.messages = [];
+    this.queueEmpty = 0;
+    this.queueEmptyAt = [];
+    this.interrupted = [];
+    this.alerts = [];
+    this.serverTimestamps = [];
+    this.cursor = 0; // index of the first message not yet taken by next()
+    this.waiters = new Set();
+  }
+  #notify() {
+    for (const w of [...this.waiters]) w();
+  }
+  onIncomingMessage(envelope, timestamp, ack) {
+    let decoded;
+    let decodeError;
+    try {
+      decoded = decodeEnvelope(envelope);
+    } catch (e) {
+      decodeError = e;
+    }
+    const message = {
+      envelope: new Uint8Array(envelope),
+      decoded,
+      decodeError,
+      timestamp,
+      receivedAt: Date.now(),
+      ackedWith: undefined,
+      ack(status = 200) {
+        if (this.ackedWith !== undefined) throw new Error(`message already answered with ${this.ackedWith}`);
+        this.ackedWith = status;
+        ack.send(status);
+      },
+    };
+    this.messages.push(message);
+    if (VERBOSE) {
+      process.stderr.write(`[${this.name}] PUT /api/v1/message X-Signal-Timestamp=${timestamp} ` +
+        `${decoded ? describeEnvelope(decoded) : `undecodable: ${decodeError}`}\n`);
+    }
+    if (this.autoAck != null) message.ack(this.autoAck);
+    this.#notify();
+  }
+  onQueueEmpty() {
+    if (VERBOSE) process.stderr.write(`[${this.name}] PUT /api/v1/queue/empty\n`);
+    this.queueEmpty += 1;
+    this.queueEmptyAt.push({ at: Date.now(), afterMessages: this.messages.length });
+    this.#notify();
+  }
+  onConnectionInterrupted(cause) {
+    this.interrupted.push(cause);
+    this.#notify();
+  }
+  onReceivedAlerts(alerts) {
+    this.alerts.push(...alerts);
+  }
+  onServerTimestamp(timestamp) {
+    this.serverTimestamps.push(timestamp);
+  }
+  /** Resolves once `predicate()` is true; rejects with `what` after `timeoutMs`. */
+  waitUntil(predicate, timeoutMs, what) {
+    if (predicate()) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const check = () => {
+        if (predicate()) {
+          clearTimeout(timer);
+          this.waiters.delete(check);
+          resolve();
+        }
+      };
+      const timer = setTimeout(() => {
+        this.waiters.delete(check);
+        reject(new Error(`${this.name}: timed out after ${timeoutMs} ms waiting for ${what} ` +
+          `(messages so far: ${this.messages.length}, queue-empty signals: ${this.queueEmpty}, ` +
+          `interrupted: ${this.interrupted.length ? this.interrupted.map(String).join('; ') : 'no'})`));
+      }, timeoutMs);
+      this.waiters.add(check);
+    });
+  }
+  /** The next `n` messages not yet taken (waits for them). */
+  async next(n = 1, timeoutMs = 5000) {
+    await this.waitUntil(() => this.messages.length >= this.cursor + n, timeoutMs,
+      `${n} more incoming message(s) (PUT /api/v1/message)`);
+    const taken = this.messages.slice(this.cursor, this.cursor + n);
+    this.cursor += n;
+    return taken;
+  }
+  /** Waits for the `count`-th queue-empty signal (PUT /api/v1/queue/empty). */
+  waitForQueueEmpty(timeoutMs = 5000, count = 1) {
+    return this.waitUntil(() => this.queueEmpty >= count, timeoutMs, 'the queue-empty signal (PUT /api/v1/queue/empty)');
+  }
+  /** Messages that arrived and were not taken by next(). */
+  untaken() {
+    return this.messages.slice(this.cursor);
+  }
+}
+
+/** `xxxxxxxx-xxxx-…` from 16 bytes. */
+export function uuidFromBytes(bytes) {
+  const h = Buffer.from(bytes).toString('hex');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+/** Decodes a protobuf message into { fieldNumber: [values] } (varint → BigInt, bytes → Uint8Array). */
+export function decodeProtobuf(bytes) {
+  const buf = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
+  let pos = 0;
+  const varint = () => {
+    let result = 0n;
+    let shift = 0n;
+    for (;;) {
+      if (pos >= buf.length) throw new Error('protobuf: truncated varint');
+      const b = buf[pos++];
+      result |= BigInt(b & 0x7f) << shift;
+      if ((b & 0x80) === 0) return result;
+      shift += 7n;
+      if (shift > 63n) throw new Error('protobuf: varint too long');
+    }
+  };
+  const fields = {};
+  while (pos < buf.length) {
+    const key = varint();
+    const field = Number(key >> 3n);
+    const wire = Number(key & 7n);
+    let value;
+    if (wire === 0) value = varint();
+    else if (wire === 1) {
+      if (pos + 8 > buf.length) throw new Error('protobuf: truncated fixed64');
+      value = Buffer.from(buf.subarray(pos, pos + 8)).readBigUInt64LE();
+      pos += 8;
+    } else if (wire === 2) {
+      const len = Number(varint());
+      if (pos + len > buf.length) throw new Error(`protobuf: field ${field} length ${len} overruns the buffer`);
+      value = buf.slice(pos, pos + len);
+      pos += len;
+    } else if (wire === 5) {
+      if (pos + 4 > buf.length) throw new Error('protobuf: truncated fixed32');
+      value = BigInt(Buffer.from(buf.subarray(pos, pos + 4)).readUInt32LE());
+      pos += 4;
+    } else {
+      throw new Error(`protobuf: unsupported wire type ${wire} (field ${field})`);
+    }
+    (fields[field] ??= []).push({ wire, value });
+  }
+  return fields;
+}
+
+/**
+ * `textsecure.Envelope` (signal-server-api.md §5.3), decoded minimally. Numbers come back as JS
+ * numbers, bytes as Uint8Array, the retired string forms as strings; absent fields are undefined.
+ * `raw` keeps every field (last value wins for the named ones, as in proto2).
+ */
+export function decodeEnvelope(bytes) {
+  const raw = decodeProtobuf(bytes);
+  const last = (n, wire) => {
+    const list = raw[n];
+    if (!list) return undefined;
+    const v = list[list.length - 1];
+    if (wire !== undefined && v.wire !== wire) throw new Error(`Envelope field ${n}: wire type ${v.wire}, expected ${wire}`);
+    return v.value;
+  };
+  const num = (n) => {
+    const v = last(n, 0);
+    return v === undefined ? undefined : Number(v);
+  };
+  const str = (n) => {
+    const v = last(n, 2);
+    return v === undefined ? undefined : new TextDecoder().decode(v);
+  };
+  const flag = (n) => {
+    const v = last(n, 0);
+    return v === undefined ? undefined : v !== 0n;
+  };
+  return {
+    type: num(1),
+    clientTimestamp: num(5),
+    sourceDevice: num(7),
+    content: last(8, 2),
+    serverGuidString: str(9),
+    serverTimestamp: num(10),
+    sourceServiceIdString: str(11),
+    ephemeral: flag(12),
+    destinationServiceIdString: str(13),
+    urgent: flag(14),
+    story: flag(16),
+    sourceServiceId: last(19, 2),
+    destinationServiceId: last(20, 2),
+    serverGuid: last(21, 2),
+    updatedPni: last(22, 2),
+    raw,
+  };
+}
+
+/** Envelope fields for an assertion message (bytes as hex/base64, content shortened). */
+export function describeEnvelope(env) {
+  if (!env) return String(env);
+  const out = {};
+  for (const [k, v] of Object.entries(env)) {
+    if (k === 'raw' || v === undefined) continue;
+    if (v instanceof Uint8Array) {
+      out[k] = k === 'content' ? `${v.length} bytes` : Buffer.from(v).toString('hex');
+    } else {
+      out[k] = v;
+    }
+  }
+  out.fields = Object.keys(env.raw ?? {}).map(Number);
+  return JSON.stringify(out);
+}

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -47,7 +48,9 @@ class SocketDelivery:
         self._in_flight: set[int] = set()
         # Ids the client refused: they stay queued but are not sent again on this socket.
         self._refused: set[int] = set()
-        self._recent: OrderedDict[int, None] = OrderedDict()
+        # GUIDs acknowledged lately: a message handed over in memory after it was already read from the
+        # queue and acknowledged is not sent twice.
+        self._recent: OrderedDict[uuid.UUID, None] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self._answers: set[asyncio.Task[None]] = set()
 
@@ -86,10 +89,11 @@ class SocketDelivery:
                     await self._drain_queue()
                     if first:
                         first = False
-                        await self.session.start_request("PUT", QUEUE_EMPTY_PATH, None, [_timestamp_header()])
+                        future = await self.session.start_request("PUT", QUEUE_EMPTY_PATH, None, [_timestamp_header()])
+                        future.add_done_callback(_ignore_outcome)
                 while self._handover:
                     message = self._handover.popleft()
-                    if message.id in self._in_flight or message.id in self._recent or message.id in self._refused:
+                    if message.id in self._in_flight or message.guid in self._recent or message.id in self._refused:
                         continue
                     await self._deliver(message)
         except (WebSocketClosedError, asyncio.CancelledError):
@@ -153,9 +157,15 @@ class SocketDelivery:
             self._refused.add(message.id)
             return
         self._in_flight.discard(message.id)
-        self._recent[message.id] = None
+        self._recent[message.guid] = None
         if len(self._recent) > RECENT_DONE:
             self._recent.popitem(last=False)
+
+
+def _ignore_outcome(future: asyncio.Future[Any]) -> None:
+    """The client's answer to queue-empty does not matter; take it (or the close) so none is left unread."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _timestamp_header() -> str:

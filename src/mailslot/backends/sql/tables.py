@@ -147,6 +147,9 @@ messages = sa.Table(
     sa.Column("expires_at", sa.BigInteger, nullable=False),
     sa.Index("messages_queue", "aci", "device_id", "id"),
     sa.Index("messages_expiry", "expires_at"),
+    # Ids are never reused (SQLite would otherwise hand the id of a deleted last row to the next insert),
+    # so a queue's order is the order of its ids.
+    sqlite_autoincrement=True,
 )
 
 shared_payloads = sa.Table(
