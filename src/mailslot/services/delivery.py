@@ -13,6 +13,7 @@ import hmac
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -415,9 +416,14 @@ class DeliveryService:
         return result
 
     async def acknowledge(self, aci: uuid.UUID, device_id: int, message: Outgoing) -> None:
-        """Delete an acknowledged envelope and queue the sender's delivery receipts, in one group commit."""
-        receipts = await self._receipts(aci, device_id, message)
-        deletes = [(aci, device_id, message.id)] if message.id > 0 else []
+        await self.acknowledge_many(aci, device_id, [message])
+
+    async def acknowledge_many(self, aci: uuid.UUID, device_id: int, messages: Sequence[Outgoing]) -> None:
+        """Delete acknowledged envelopes and queue the senders' delivery receipts, in one group commit."""
+        receipts: list[tuple[DeviceKey, Outgoing, bytes]] = []
+        for message in messages:
+            receipts.extend(await self._receipts(aci, device_id, message))
+        deletes = [(aci, device_id, m.id) for m in messages if m.id > 0]
         await self._store_and_notify(receipts, deletes)
 
     async def _store_and_notify(

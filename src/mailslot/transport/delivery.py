@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from mailslot.services.delivery import DeliveryService
@@ -52,7 +53,10 @@ class SocketDelivery:
         # queue and acknowledged is not sent twice.
         self._recent: OrderedDict[uuid.UUID, None] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
-        self._answers: set[asyncio.Task[None]] = set()
+        self._helpers: list[asyncio.Task[None]] = []
+        self._deadlines: dict[int, tuple[float, asyncio.Future[WebSocketResponse]]] = {}
+        self._answered_ok: list[Outgoing] = []
+        self._acks_ready = asyncio.Event()
 
     # -- DeviceListener -------------------------------------------------------------------------
 
@@ -71,12 +75,21 @@ class SocketDelivery:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="mailslot-sender-loop")
+        self._helpers = [asyncio.create_task(self._flush_acks()), asyncio.create_task(self._expire_answers())]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._helpers]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        # Acknowledgements that arrived before the close are still settled: none is lost.
+        batch, self._answered_ok = self._answered_ok, []
+        if batch:
+            try:
+                await self.delivery.acknowledge_many(self.key[0], self.key[1], batch)
+            except Exception:
+                log.exception("acknowledgement failed; the messages stay queued")
 
     async def _run(self) -> None:
         first = True
@@ -115,7 +128,8 @@ class SocketDelivery:
         if message.story and not self.receive_stories:
             # Stories go only to sockets that asked for them; for the others they are dropped (§6.4).
             self._in_flight.add(message.id)
-            self._spawn(self._settle(message, acknowledged=True))
+            self._answered_ok.append(message)
+            self._acks_ready.set()
             return
         await self._slots.acquire()
         self._in_flight.add(message.id)
@@ -125,41 +139,51 @@ class SocketDelivery:
             self._in_flight.discard(message.id)
             self._slots.release()
             raise
-        self._spawn(self._await_answer(message, future))
+        self._deadlines[message.id] = (time.monotonic() + ACK_TIMEOUT_SECONDS, future)
+        future.add_done_callback(functools.partial(self._answered, message))
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coroutine)
-        self._answers.add(task)
-        task.add_done_callback(self._answers.discard)
-
-    async def _await_answer(self, message: Outgoing, future: asyncio.Future[WebSocketResponse]) -> None:
-        acknowledged = False
-        try:
-            async with asyncio.timeout(ACK_TIMEOUT_SECONDS):
-                response = await future
-            acknowledged = response.ok
-        except (TimeoutError, WebSocketClosedError, asyncio.CancelledError):
-            self.session.forget(future)
-        finally:
-            self._slots.release()
-        await self._settle(message, acknowledged)
-
-    async def _settle(self, message: Outgoing, acknowledged: bool) -> None:
-        if not acknowledged:
+    def _answered(self, message: Outgoing, future: asyncio.Future[WebSocketResponse]) -> None:
+        """The client's answer (or the socket's end): called once per delivery, without a task of its own."""
+        self._slots.release()
+        self._deadlines.pop(message.id, None)
+        ok = not future.cancelled() and future.exception() is None and future.result().ok
+        if ok:
+            self._answered_ok.append(message)
+            self._acks_ready.set()
+        else:
             self._in_flight.discard(message.id)
             self._refused.add(message.id)
-            return
-        try:
-            await self.delivery.acknowledge(self.key[0], self.key[1], message)
-        except Exception:
-            log.exception("acknowledgement failed; the message stays queued")
-            self._in_flight.discard(message.id)
-            self._refused.add(message.id)
-            return
-        self._in_flight.discard(message.id)
-        self._recent[message.guid] = None
-        if len(self._recent) > RECENT_DONE:
-            self._recent.popitem(last=False)
+
+    async def _flush_acks(self) -> None:
+        """Acknowledgements that arrived together are settled together (one group-commit submission)."""
+        while True:
+            await self._acks_ready.wait()
+            self._acks_ready.clear()
+            batch, self._answered_ok = self._answered_ok, []
+            if not batch:
+                continue
+            try:
+                await self.delivery.acknowledge_many(self.key[0], self.key[1], batch)
+            except Exception:
+                log.exception("acknowledgement failed; the messages stay queued")
+                for message in batch:
+                    self._in_flight.discard(message.id)
+                    self._refused.add(message.id)
+                continue
+            for message in batch:
+                self._in_flight.discard(message.id)
+                self._recent[message.guid] = None
+            while len(self._recent) > RECENT_DONE:
+                self._recent.popitem(last=False)
+
+    async def _expire_answers(self) -> None:
+        """A delivery without an answer for ACK_TIMEOUT_SECONDS counts as refused (it stays queued)."""
+        while True:
+            await asyncio.sleep(ACK_TIMEOUT_SECONDS / 4)
+            now = time.monotonic()
+            for _, (deadline, future) in list(self._deadlines.items()):
+                if deadline <= now:
+                    self.session.forget(future)  # cancels it: _answered sees a refusal
 
 
 def _ignore_outcome(future: asyncio.Future[Any]) -> None:

@@ -168,6 +168,9 @@ class WebSocketSession:
         self._reader: asyncio.Task[Any] | None = None
         self.close_code: int | None = None
         self.close_reason: str = ""
+        self._last_frame = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_close: asyncio.Task[None] | None = None
 
         upgrade_headers: list[tuple[bytes, bytes]] = self._scope.get("headers", [])
         self._base_headers = [
@@ -205,15 +208,25 @@ class WebSocketSession:
             self._reader = None
             self._mark_closed()
 
+    def _watch_idle(self) -> None:
+        """Close the socket after ``idle_timeout`` without a frame (one timer, not one per frame)."""
+        if self._closed.is_set() or self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        idle_for = loop.time() - self._last_frame
+        if idle_for >= self.idle_timeout:
+            self._idle_close = loop.create_task(self.close(CLOSE_NORMAL, "Timeout"))
+            return
+        self._idle_timer = loop.call_later(self.idle_timeout - idle_for, self._watch_idle)
+
     async def _read_loop(self) -> None:
         receive = self.websocket.receive
+        loop = asyncio.get_running_loop()
+        self._last_frame = loop.time()
+        self._idle_timer = loop.call_later(self.idle_timeout, self._watch_idle)
         while True:
-            try:
-                async with asyncio.timeout(self.idle_timeout):
-                    message = await receive()
-            except TimeoutError:
-                await self.close(CLOSE_NORMAL, "Timeout")
-                return
+            message = await receive()
+            self._last_frame = loop.time()
             if message["type"] == "websocket.disconnect":
                 self.close_code = message.get("code", CLOSE_NORMAL)
                 self.close_reason = message.get("reason") or ""
@@ -478,6 +491,8 @@ class WebSocketSession:
         if self._closed.is_set():
             return
         self._closed.set()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
