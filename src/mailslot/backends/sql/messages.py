@@ -38,6 +38,8 @@ class SqlMessageStore:
         self, messages: list[NewMessage], shared: list[SharedPayload], deletes: list[tuple[uuid.UUID, int, int]]
     ) -> list[int]:
         """Inserts and deletes of many requests in one transaction (group commit); returns the new ids."""
+        if self.db.dialect == "sqlite":
+            return await self._apply_inline(messages, shared, deletes)
         async with self.db.write() as conn:
             if shared:
                 await conn.execute(
@@ -56,6 +58,33 @@ class SqlMessageStore:
             if deletes:
                 await conn.execute(_m.delete().where(_m.c.id.in_([message_id for _, _, message_id in deletes])))
             return ids
+
+    async def _apply_inline(
+        self, messages: list[NewMessage], shared: list[SharedPayload], deletes: list[tuple[uuid.UUID, int, int]]
+    ) -> list[int]:
+        """The same transaction as :meth:`apply` on SQLite's own connection, on the loop's thread.
+
+        The column encodings are SQLAlchemy's for SQLite: UUIDs as 32 hex characters.
+        """
+        ids: list[int] = []
+        async with self.db.inline_sqlite() as conn:
+            if shared:
+                conn.executemany(
+                    "INSERT INTO shared_payloads (id, data, expires_at) VALUES (?, ?, ?)",
+                    [(p.id.hex, p.data, p.expires_at) for p in shared],
+                )
+            for m in messages:
+                row = conn.execute(
+                    "INSERT INTO messages (aci, device_id, guid, envelope, expires_at, shared_id, recipient_part)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                    (m.aci.hex, m.device_id, m.guid.hex, m.envelope, m.expires_at,
+                     m.shared_id.hex if m.shared_id else None, m.recipient_part),
+                ).fetchone()
+                ids.append(int(row[0]))
+            for start in range(0, len(deletes), 500):
+                chunk = [message_id for _, _, message_id in deletes[start : start + 500]]
+                conn.execute(f"DELETE FROM messages WHERE id IN ({','.join('?' * len(chunk))})", chunk)  # noqa: S608
+        return ids
 
     async def fetch(
         self, aci: uuid.UUID, device_id: int, exclude: set[int], limit: int, now: int
