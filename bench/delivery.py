@@ -157,18 +157,23 @@ async def pg_schema(url: str, create: bool, schema: str) -> None:
         await conn.close()
 
 
-def process_cpu(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds; 0 if it is gone."""
+def process_cpu(pid: int, reaped_children: bool = False) -> float:
+    """utime + stime of a process (all its threads), in seconds; 0 if it is gone. With
+    ``reaped_children``, plus cutime + cstime: the CPU of children that exited and were waited for."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+    ticks = int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc_pid_stat(5)
+    if reaped_children:
+        ticks += int(fields[13]) + int(fields[14])  # fields 16 and 17
+    return ticks / CLK_TCK
 
 
 def postgres_cpu() -> float | None:
-    """Summed CPU of the local ``postgres`` processes (None if none is visible on this machine)."""
+    """Summed CPU of the local ``postgres`` processes (None if none is visible on this machine),
+    including backends that exited meanwhile (they are in the postmaster's reaped-children time)."""
     total, seen = 0.0, False
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -180,7 +185,7 @@ def postgres_cpu() -> float | None:
         except OSError:
             continue
         seen = True
-        total += process_cpu(int(entry))
+        total += process_cpu(int(entry), reaped_children=True)
     return total if seen else None
 
 
@@ -691,6 +696,8 @@ async def bench(args: argparse.Namespace, base_url: str, server_pid: int) -> dic
     await asyncio.sleep(0.2)  # let late duplicates show up
     await close_sockets(pairs, readers)
     result = summarize(args, stats, cpu, drained)
+    if args.samples:
+        write_samples(args.samples, stats)
 
     # Anything missing: still queued (reconnecting delivers it) or gone? Reported apart, never as delivered.
     lost = {s for s in range(len(stats.send_ns)) if stats.answered[s] == 1 and not stats.delivered[s]}
@@ -707,6 +714,22 @@ async def bench(args: argparse.Namespace, base_url: str, server_pid: int) -> dic
             result["total"]["receipts_missing_delivered_after_reconnect"] = sum(
                 1 for s in unreceipted if stats.receipted[s])
     return result
+
+
+def write_samples(path: str, stats: Stats) -> None:
+    """One CSV line per message: times in ms from the window start (empty = never happened)."""
+    origin = stats.window_start_ns
+
+    def ms(ns: int) -> str:
+        return f"{(ns - origin) / 1e6:.3f}"
+
+    with open(path, "w") as f:
+        f.write("seq,pair,sent_ms,answered_ms,status_ok,latency_ms\n")
+        for seq, sent in enumerate(stats.send_ns):
+            answered = stats.answered_ns[seq]
+            latency = stats.latency_ns.get(seq)
+            f.write(f"{seq},{stats.pair_index[seq]},{ms(sent)},{ms(answered) if answered else ''},"
+                    f"{int(stats.answered[seq] == 1)},{'' if latency is None else f'{latency / 1e6:.3f}'}\n")
 
 
 async def drain(pairs: list[Pair], stats: Stats, seconds: float, receipts: bool) -> float:
@@ -743,10 +766,17 @@ def summarize(args: argparse.Namespace, stats: Stats, cpu: dict[str, float], dra
     lost_window = [s for s in ok_window if not stats.delivered[s]]
     latencies = sorted(stats.latency_ns[s] for s in window if s in stats.latency_ns)
     delivered_total = sum(1 for d in stats.delivered if d)
+    # Fairness: each pair's median latency in the window (a starved queue shows as a high maximum).
+    by_pair: dict[int, list[int]] = {}
+    for s in window:
+        if s in stats.latency_ns:
+            by_pair.setdefault(stats.pair_index[s], []).append(stats.latency_ns[s])
+    pair_medians = sorted(percentile(sorted(v), 0.5) for v in by_pair.values())
     wall = cpu["wall"]
     arrivals = stats.window_arrivals
     identified = args.mode == "identified"
     result: dict[str, Any] = {
+        "code": code_version(),
         "storage": "postgresql" if args.storage_url else "sqlite",
         "mode": args.mode,
         "pairs": args.pairs,
@@ -765,6 +795,10 @@ def summarize(args: argparse.Namespace, stats: Stats, cpu: dict[str, float], dra
                 "p95": round(percentile(latencies, 0.95), 2),
                 "p99": round(percentile(latencies, 0.99), 2),
                 "max": round(latencies[-1] / 1e6, 2) if latencies else None,
+            },
+            "pair_median_latency_ms": {
+                "min": round(pair_medians[0], 2) if pair_medians else None,
+                "max": round(pair_medians[-1], 2) if pair_medians else None,
             },
         },
         "total": {
@@ -819,11 +853,13 @@ def table(r: dict[str, Any]) -> str:
     load = f"{r['offered_rate']:g} msg/s offered" if r["offered_rate"] else \
         f"as fast as possible, {r['inflight_per_sender']} outstanding per sender"
     rows: list[tuple[str, Any]] = [
+        ("server code", r["code"]),
         ("storage / mode", f"{r['storage']} / {r['mode']}, {r['pairs']} pairs, {load}"),
         ("measured window", f"{r['window_seconds']} s"),
         ("sent in window (200)", f"{w['sent']} ({w['sent_200']}), {w['sent_per_second']} msg/s"),
         ("delivered msg/s", w["delivered_per_second"]),
         ("latency p50/p95/p99/max", f"{lat['p50']} / {lat['p95']} / {lat['p99']} / {lat['max']} ms"),
+        ("per-pair p50 min / max", f"{w['pair_median_latency_ms']['min']} / {w['pair_median_latency_ms']['max']} ms"),
         ("lost (window / total)", f"{w['lost']} / {t['lost']}"),
         ("sent total (200)", f"{t['sent']} ({t['sent_200']})"),
         ("delivered total", t["delivered"]),
@@ -865,6 +901,19 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def code_version() -> str:
+    """The commit the server runs from, with "+dirty" when src/ has uncommitted changes."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],  # noqa: S603, S607
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "src"],  # noqa: S603, S607
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def server_log_problems(path: Path, limit: int = 5) -> list[str]:
     problems = []
     with contextlib.suppress(OSError), path.open() as f:
@@ -899,6 +948,7 @@ def main() -> int:
                         help="the server's per-request log (default on, as deployed)")
     parser.add_argument("--profile", metavar="FILE",
                         help="record the server with py-spy during the window (collapsed stacks to FILE)")
+    parser.add_argument("--samples", metavar="FILE", help="write one CSV line per message (times, latency)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (config, log, db)")
     args = parser.parse_args()

@@ -41,7 +41,7 @@ class StorageSettings(BaseModel):
     data_dir: str = "var"
     # PostgreSQL schema (search_path) to use; empty means the server default. Tests use it to isolate runs.
     schema_name: str = Field(default="", alias="schema")
-    pool_size: int = 10
+    pool_size: int = 20
     # Accounts are read on every request; this long a read may be served from memory. Writes by this
     # process are seen at once, writes by other nodes after at most this long. 0 turns the cache off.
     account_cache_seconds: float = 1.0

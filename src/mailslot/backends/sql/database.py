@@ -58,6 +58,9 @@ class Database:
                 connect_args["server_settings"] = {"search_path": storage.schema_name}
             kwargs["connect_args"] = connect_args
             kwargs["pool_size"] = storage.pool_size
+            # No overflow connections: each would be opened and closed again under load (a new
+            # PostgreSQL backend process every time); requests wait for a pooled one instead.
+            kwargs["max_overflow"] = 0
             kwargs["pool_pre_ping"] = True
         engine = create_async_engine(url, **kwargs)
         if url.drivername.startswith("sqlite"):
