@@ -8,13 +8,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from mailslot import __version__
-from mailslot.api import accounts, certificates, keys, messages, misc, registration
+from mailslot.api import accounts, certificates, devices, keys, messages, misc, registration
 from mailslot.api.errors import install_error_handlers
 from mailslot.api.fast import TunnelFastPath
 from mailslot.config import Settings
 from mailslot.observability.middleware import ObservabilityMiddleware
 from mailslot.services.container import Services
 from mailslot.transport.delivery import DeliveryHooks
+from mailslot.transport.provisioning import install_provisioning
 from mailslot.transport.websocket import install_websocket
 from mailslot.wiring import build_services
 
@@ -46,8 +47,10 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app.include_router(accounts.router)
     app.include_router(keys.router)
     app.include_router(messages.router)
+    app.include_router(devices.router)
     app.include_router(certificates.router)
     app.include_router(misc.router)
+    install_provisioning(app)
     hooks = DeliveryHooks(app)
     install_websocket(
         app, on_connected=hooks.connected, on_closed=hooks.closed, fast_path=TunnelFastPath(app)

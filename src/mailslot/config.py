@@ -94,6 +94,8 @@ class RegistrationSettings(BaseModel):
 class AuthSettings(BaseModel):
     # Secret for signing session JWTs; empty means generated once and kept in data_dir.
     jwt_secret: str = ""
+    # HMAC key of device-link tokens; every node of a cluster needs the same. Empty: generated into data_dir.
+    link_secret: str = ""
     access_token_seconds: int = 3600
     refresh_token_seconds: int = 30 * 24 * 3600
 

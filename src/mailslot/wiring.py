@@ -24,6 +24,7 @@ from mailslot.services.certificates import CertificateService
 from mailslot.services.container import Services
 from mailslot.services.credentials import Authenticator, TokenService
 from mailslot.services.delivery import DeliveryService
+from mailslot.services.devices import DeviceService, ProvisioningRegistry
 from mailslot.services.keys import KeyService
 from mailslot.services.presence import LocalPresence
 from mailslot.services.ratelimit import RateLimiters
@@ -68,7 +69,8 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
     sender = build_sender(settings.registration)
     session_store = SqlVerificationSessionStore(db)
     verification = VerificationService(session_store, sender, limiters, settings.registration)
-    account_store = CachedAccountStore(SqlAccountStore(db), settings.storage.account_cache_seconds)
+    sql_accounts = SqlAccountStore(db)
+    account_store = CachedAccountStore(sql_accounts, settings.storage.account_cache_seconds)
     accounts = AccountService(account_store, verification, limiters)
     try:
         sealed = load_keys(settings.sealed_sender, data_dir)
@@ -81,6 +83,9 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
     refresh_store = SqlRefreshTokenStore(db)
     tokens = TokenService(
         jwt_secret, refresh_store, settings.auth.access_token_seconds, settings.auth.refresh_token_seconds
+    )
+    link_secret = (
+        settings.auth.link_secret.encode() if settings.auth.link_secret else _secret_file(data_dir, "link.secret")
     )
     message_store = SqlMessageStore(db)
     delivery = DeliveryService(
@@ -98,12 +103,15 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
         keys=KeyService(account_store, SqlKeyStore(db), limiters),
         certificates=certificates,
         delivery=delivery,
+        devices=DeviceService(account_store, accounts, limiters, link_secret),
+        provisioning=ProvisioningRegistry(),
         trusted_proxies=parse_networks(settings.server.trusted_proxies),
         trust_root=base64.b64encode(sealed.trust_root).decode(),
     )
     services.retention.purges["verification_sessions"] = session_store.delete_expired
     services.retention.purges["refresh_tokens"] = refresh_store.delete_expired
     services.retention.purges["messages"] = message_store.delete_expired
+    services.retention.purges["used_link_tokens"] = sql_accounts.delete_expired_link_tokens
     services.readiness_checks["storage"] = db.ping
     services.closers.append(db.close)
     services.closers.append(sender.close)

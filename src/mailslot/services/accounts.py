@@ -134,6 +134,10 @@ class AccountService:
     async def touch_device(self, aci: uuid.UUID, device_id: int, last_seen: int) -> None:
         await self.store.touch_device(aci, device_id, last_seen)
 
+    async def disconnect(self, aci: uuid.UUID, device_ids: list[int] | None = None) -> None:
+        """Close the sockets of the account's devices (all, or those listed) with 4401."""
+        await self._disconnect(aci, device_ids)
+
     async def _disconnect(self, aci: uuid.UUID, device_ids: list[int] | None = None) -> None:
         for listener in self.disconnect_listeners:
             await listener(aci, device_ids)
@@ -284,10 +288,10 @@ class AccountService:
             pni_registration_id=attrs.pni_registration_id,
             name=attrs.name,
             fetches_messages=attrs.fetches_messages,
-            capabilities=_known_capabilities(attrs.capabilities),
+            capabilities=known_capabilities(attrs.capabilities),
             created_at=created,
             last_seen=today,
-            user_agent=_agent(user_agent),
+            user_agent=platform_tag(user_agent),
             gcm_token=request.gcm_token,
             apn_token=request.apn_token,
             token_generation=secrets.token_hex(16),
@@ -333,12 +337,12 @@ class AccountService:
             attrs.unidentified_access_key = account.unidentified_access_key
         device.fetches_messages = attrs.fetches_messages
         device.name = attrs.name
-        device.capabilities = _known_capabilities(attrs.capabilities)
+        device.capabilities = known_capabilities(attrs.capabilities)
         device.registration_id = attrs.registration_id
         if attrs.pni_registration_id is not None:
             device.pni_registration_id = attrs.pni_registration_id
         if user_agent:
-            device.user_agent = _agent(user_agent)
+            device.user_agent = platform_tag(user_agent)
         account.unidentified_access_key = attrs.unidentified_access_key
         account.unrestricted_unidentified_access = attrs.unrestricted_unidentified_access
         account.discoverable_by_phone_number = attrs.discoverable_by_phone_number
@@ -417,11 +421,11 @@ class AccountService:
         }
 
 
-def _known_capabilities(capabilities: dict[str, bool]) -> dict[str, bool]:
+def known_capabilities(capabilities: dict[str, bool]) -> dict[str, bool]:
     return {name: True for name, on in capabilities.items() if on and name in KNOWN_CAPABILITIES}
 
 
-def _agent(user_agent: str | None) -> str | None:
+def platform_tag(user_agent: str | None) -> str | None:
     """Keep only the short platform tag (``OWA``, ``OWI``, ``OWD``, ``OWP``), never a full user agent."""
     if not user_agent:
         return None

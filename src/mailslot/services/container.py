@@ -11,6 +11,7 @@ from mailslot.services.accounts import AccountService
 from mailslot.services.certificates import CertificateService
 from mailslot.services.credentials import Authenticator, TokenService
 from mailslot.services.delivery import DeliveryService
+from mailslot.services.devices import DeviceService, ProvisioningRegistry
 from mailslot.services.keys import KeyService
 from mailslot.services.ratelimit import RateLimiters
 from mailslot.services.retention import RetentionJob
@@ -28,6 +29,8 @@ class Services:
     keys: KeyService
     certificates: CertificateService
     delivery: DeliveryService
+    devices: DeviceService
+    provisioning: ProvisioningRegistry
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     readiness_checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)

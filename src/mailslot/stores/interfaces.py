@@ -55,6 +55,16 @@ class AccountStore(Protocol):
         """Delete every row that belongs to the account, in one transaction."""
         ...
 
+    async def add_device(self, aci: uuid.UUID, device: Device, keys: list[DeviceKeys], max_devices: int) -> int | None:
+        """Add a linked device with the lowest free id ≥ 2 (set on ``device``); None when full."""
+        ...
+
+    async def remove_device(self, aci: uuid.UUID, device_id: int) -> bool: ...
+
+    async def use_link_token(self, token_hash: str, expires_at: int) -> bool:
+        """Record a device-link token as used; False if it already was."""
+        ...
+
     async def get_device_keys(self, aci: uuid.UUID, device_id: int) -> list[DeviceKeys]: ...
 
     async def count_rows_for(self, aci: uuid.UUID) -> dict[str, int]:

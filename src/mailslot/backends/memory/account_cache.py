@@ -121,6 +121,21 @@ class CachedAccountStore:
         finally:
             self.invalidate(aci)
 
+    async def add_device(self, aci: uuid.UUID, device: Device, keys: list[DeviceKeys], max_devices: int) -> int | None:
+        try:
+            return await self.inner.add_device(aci, device, keys, max_devices)
+        finally:
+            self.invalidate(aci)
+
+    async def remove_device(self, aci: uuid.UUID, device_id: int) -> bool:
+        try:
+            return await self.inner.remove_device(aci, device_id)
+        finally:
+            self.invalidate(aci)
+
+    async def use_link_token(self, token_hash: str, expires_at: int) -> bool:
+        return await self.inner.use_link_token(token_hash, expires_at)
+
     async def get_device_keys(self, aci: uuid.UUID, device_id: int) -> list[DeviceKeys]:
         return await self.inner.get_device_keys(aci, device_id)
 

@@ -223,6 +223,53 @@ class SqlAccountStore:
         async with self.db.write() as conn:
             await self._delete_account_rows(conn, aci, keep_account=False)
 
+    async def add_device(self, aci: uuid.UUID, device: Device, keys: list[DeviceKeys], max_devices: int) -> int | None:
+        """Add a linked device with the lowest free id ≥ 2, atomically; None when the account is full."""
+        for _ in range(5):
+            async with self.db.write() as conn:
+                taken = {
+                    int(row[0])
+                    for row in await conn.execute(sa.select(t.devices.c.device_id).where(t.devices.c.aci == aci))
+                }
+                if len(taken) >= max_devices:
+                    return None
+                device.device_id = next(i for i in range(2, 128) if i not in taken)
+                try:
+                    async with conn.begin_nested():
+                        await conn.execute(t.devices.insert().values(**_device_values(aci, device)))
+                except sa.exc.IntegrityError:
+                    continue  # another link took that id at the same moment: count again
+                await self._insert_keys(conn, aci, device.device_id, keys)
+                return device.device_id
+        raise RuntimeError("could not allocate a device id")
+
+    async def remove_device(self, aci: uuid.UUID, device_id: int) -> bool:
+        """Delete a device and everything that belongs to it (keys, queue, tokens) in one transaction."""
+        async with self.db.write() as conn:
+            removed = 0
+            for table in t.DEVICE_TABLES:
+                result = await conn.execute(
+                    table.delete().where(table.c.aci == aci, table.c.device_id == device_id)
+                )
+                if table is t.devices:
+                    removed = int(result.rowcount or 0)
+            return removed > 0
+
+    async def use_link_token(self, token_hash: str, expires_at: int) -> bool:
+        """Record a link token as used; False if it was used before."""
+        async with self.db.write() as conn:
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(t.used_link_tokens.insert().values(token_hash=token_hash, expires_at=expires_at))
+            except sa.exc.IntegrityError:
+                return False
+            return True
+
+    async def delete_expired_link_tokens(self, now: int) -> int:
+        async with self.db.write() as conn:
+            result = await conn.execute(t.used_link_tokens.delete().where(t.used_link_tokens.c.expires_at < now))
+            return int(result.rowcount or 0)
+
     async def get_device_keys(self, aci: uuid.UUID, device_id: int) -> list[DeviceKeys]:
         async with self.db.read() as conn:
             rows = await conn.execute(

@@ -40,6 +40,7 @@ MIGRATIONS: list[tuple[int, str, Step]] = [
     ),
     (2, "one-time EC and KEM pre-keys", _create(t.one_time_ec_keys, t.one_time_kem_keys)),
     (3, "message queues and shared multi-recipient payloads", _create(t.messages, t.shared_payloads)),
+    (4, "used device-link tokens", _create(t.used_link_tokens)),
 ]
 
 

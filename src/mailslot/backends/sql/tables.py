@@ -160,7 +160,31 @@ shared_payloads = sa.Table(
     sa.Column("expires_at", sa.BigInteger, nullable=False, index=True),
 )
 
+used_link_tokens = sa.Table(
+    "used_link_tokens",
+    metadata,
+    # SHA-256 of a device-link token that has been used (tokens are single use until they expire).
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("expires_at", sa.BigInteger, nullable=False, index=True),
+)
+
 # Tables holding rows keyed by an account, in delete order (children first).
 ACCOUNT_TABLES: tuple[sa.Table, ...] = (
-    messages, refresh_tokens, one_time_ec_keys, one_time_kem_keys, signed_keys, devices, accounts
+    messages,
+    refresh_tokens,
+    one_time_ec_keys,
+    one_time_kem_keys,
+    signed_keys,
+    devices,
+    accounts,
+)
+
+# Tables whose rows belong to one device (removed with it): all have ``aci`` and ``device_id``.
+DEVICE_TABLES: tuple[sa.Table, ...] = (
+    messages,
+    refresh_tokens,
+    one_time_ec_keys,
+    one_time_kem_keys,
+    signed_keys,
+    devices,
 )
