@@ -74,11 +74,14 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def make_settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest, **extra: Any) -> Settings:
+def make_settings(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest, truncate: bool = True, **extra: Any
+) -> Settings:
     storage: dict[str, Any] = {"data_dir": str(tmp_path)}
     if backend == "postgres":
         schema = request.getfixturevalue("pg_schema")
-        _truncate_all(schema)
+        if truncate:
+            _truncate_all(schema)
         storage.update(url=PG_URL, schema=schema, pool_size=5)
     else:
         storage["url"] = f"sqlite:///{tmp_path}/mailslot.db"
