@@ -440,6 +440,15 @@ export async function startServer({ testNumbers = TEST_NUMBERS, extraEnv = {} } 
       connections.add(conn);
       return conn;
     },
+    /**
+     * libsignal `Net.connectProvisioning` (the anonymous provisioning socket,
+     * /v1/websocket/provisioning/), closed again by stop(). `listener`: see ProvisioningRecorder.
+     */
+    async connectProvisioning(net = server.makeNet(), listener = new ProvisioningRecorder()) {
+      const conn = await net.connectProvisioning(listener);
+      connections.add(conn);
+      return conn;
+    },
     async disconnect(conn) {
       connections.delete(conn);
       await conn.disconnect();
@@ -895,6 +904,80 @@ export class RecordingListener {
   untaken() {
     return this.messages.slice(this.cursor);
   }
+}
+
+/**
+ * A `ProvisioningConnectionListener` that records what the provisioning socket delivers
+ * (`PUT /v1/address` → onReceivedAddress, `PUT /v1/message` → onReceivedEnvelope) and lets a test
+ * wait for it. Both are acknowledged with `ack` (default 200) at once.
+ */
+export class ProvisioningRecorder {
+  constructor({ ack = 200, name = 'provisioning socket' } = {}) {
+    this.autoAck = ack;
+    this.name = name;
+    this.addresses = [];
+    this.envelopes = [];
+    this.interrupted = [];
+    this.waiters = new Set();
+  }
+  #notify() {
+    for (const w of [...this.waiters]) w();
+  }
+  onReceivedAddress(address, ack) {
+    if (VERBOSE) process.stderr.write(`[${this.name}] PUT /v1/address ${address}\n`);
+    this.addresses.push(address);
+    if (this.autoAck != null) ack.send(this.autoAck);
+    this.#notify();
+  }
+  onReceivedEnvelope(envelope, ack) {
+    if (VERBOSE) process.stderr.write(`[${this.name}] PUT /v1/message (${envelope.length} bytes)\n`);
+    this.envelopes.push(new Uint8Array(envelope));
+    if (this.autoAck != null) ack.send(this.autoAck);
+    this.#notify();
+  }
+  onConnectionInterrupted(cause) {
+    this.interrupted.push(cause);
+    this.#notify();
+  }
+  waitUntil(predicate, timeoutMs, what) {
+    return RecordingListener.prototype.waitUntil.call(this, predicate, timeoutMs, what);
+  }
+  get messages() {
+    return this.envelopes;
+  }
+  get queueEmpty() {
+    return 'n/a';
+  }
+}
+
+/**
+ * Encodes a protobuf message from [fieldNumber, value] pairs: string / Uint8Array → length-delimited,
+ * number / bigint / boolean → varint. Undefined / null values are skipped.
+ */
+export function encodeProtobuf(fields) {
+  const out = [];
+  const varint = (v) => {
+    let n = BigInt(v);
+    do {
+      let b = Number(n & 0x7fn);
+      n >>= 7n;
+      if (n > 0n) b |= 0x80;
+      out.push(b);
+    } while (n > 0n);
+  };
+  for (const [field, value] of fields) {
+    if (value === undefined || value === null) continue;
+    if (typeof value === 'string' || value instanceof Uint8Array) {
+      const bytes = typeof value === 'string' ? textEncoder.encode(value) : value;
+      varint((field << 3) | 2);
+      varint(bytes.length);
+      out.push(...bytes);
+    } else {
+      varint(field << 3);
+      varint(typeof value === 'boolean' ? (value ? 1 : 0) : value);
+    }
+  }
+  return new Uint8Array(out);
 }
 
 /** `xxxxxxxx-xxxx-…` from 16 bytes. */

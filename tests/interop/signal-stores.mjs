@@ -1,7 +1,9 @@
 // In-memory libsignal protocol stores and key helpers shared by the interop tests that run real
 // Signal sessions (same behaviour as the copies in keys.test.mjs, plus a SenderKeyStore).
 
-import { randomInt } from 'node:crypto';
+import {
+  createCipheriv, createDecipheriv, createHmac, hkdfSync, randomBytes, randomInt, timingSafeEqual,
+} from 'node:crypto';
 
 import * as SignalClient from '@signalapp/libsignal-client';
 
@@ -209,4 +211,80 @@ export function bundleFromJson(response, device) {
     KEMPublicKey.deserialize(fromB64(device.pqPreKey.publicKey)),
     fromB64(device.pqPreKey.signature),
   );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device provisioning (client convention, opaque to the server; spec §3.2): the primary encrypts a
+// `ProvisionMessage` to the new device's ephemeral public key and wraps it in a `ProvisionEnvelope`
+// { publicKey = 1, body = 2 }. body = 0x01 ‖ iv(16) ‖ AES-256-CBC(ProvisionMessage) ‖
+// HMAC-SHA256(0x01 ‖ iv ‖ ciphertext); keys = HKDF-SHA256(ECDH, salt 32×0,
+// "TextSecure Provisioning Message") split 32/32 (Signal-Android PrimaryProvisioningCipher,
+// Signal-Desktop ProvisioningCipher).
+
+const PROVISIONING_INFO = 'TextSecure Provisioning Message';
+
+function provisioningKeys(sharedSecret) {
+  const okm = Buffer.from(hkdfSync('sha256', sharedSecret, Buffer.alloc(32), PROVISIONING_INFO, 64));
+  return { cipherKey: okm.subarray(0, 32), macKey: okm.subarray(32, 64) };
+}
+
+/** ProvisionMessage fields (Signal-Android Provisioning.proto), by number. */
+export const PROVISION_MESSAGE_FIELDS = Object.freeze({
+  aciIdentityKeyPublic: 1,
+  aciIdentityKeyPrivate: 2,
+  number: 3,
+  provisioningCode: 4,
+  userAgent: 5,
+  profileKey: 6,
+  readReceipts: 7,
+  aci: 8,
+  provisioningVersion: 9,
+  pni: 10,
+  pniIdentityKeyPublic: 11,
+  pniIdentityKeyPrivate: 12,
+  masterKey: 13,
+});
+
+/** The primary's side: `ProvisionEnvelope` bytes carrying `message` (field name → value) for `theirPublicKey`. */
+export function encryptProvisionMessage(theirPublicKey, message) {
+  const plaintext = H.encodeProtobuf(Object.entries(message).map(([name, value]) => {
+    const number = PROVISION_MESSAGE_FIELDS[name];
+    if (!number) throw new Error(`unknown ProvisionMessage field ${name}`);
+    return [number, value];
+  }));
+  const ours = PrivateKey.generate();
+  const { cipherKey, macKey } = provisioningKeys(ours.agree(theirPublicKey));
+  const iv = randomBytes(16);
+  const cipher = createCipheriv('aes-256-cbc', cipherKey, iv);
+  const ciphertext = Buffer.concat([cipher.update(plaintext), cipher.final()]);
+  const signed = Buffer.concat([Buffer.from([1]), iv, ciphertext]);
+  const mac = createHmac('sha256', macKey).update(signed).digest();
+  return H.encodeProtobuf([[1, ours.getPublicKey().serialize()], [2, new Uint8Array(Buffer.concat([signed, mac]))]]);
+}
+
+/**
+ * The new device's side: opens a `ProvisionEnvelope` with its ephemeral private key. Returns the
+ * ProvisionMessage as { fieldName: value } (bytes as Uint8Array, strings decoded, varints as numbers).
+ */
+export function decryptProvisionEnvelope(ourPrivateKey, envelopeBytes) {
+  const envelope = H.decodeProtobuf(envelopeBytes);
+  const publicKey = envelope[1]?.[0]?.value;
+  const body = envelope[2]?.[0]?.value;
+  if (!publicKey || !body) throw new Error('ProvisionEnvelope lacks publicKey (1) or body (2)');
+  if (body[0] !== 1) throw new Error(`ProvisionEnvelope body version ${body[0]}, expected 1`);
+  const { cipherKey, macKey } = provisioningKeys(ourPrivateKey.agree(PublicKey.deserialize(publicKey)));
+  const signed = body.subarray(0, body.length - 32);
+  const mac = createHmac('sha256', macKey).update(signed).digest();
+  if (!timingSafeEqual(mac, Buffer.from(body.subarray(body.length - 32)))) throw new Error('ProvisionEnvelope MAC mismatch');
+  const decipher = createDecipheriv('aes-256-cbc', cipherKey, signed.subarray(1, 17));
+  const plaintext = Buffer.concat([decipher.update(signed.subarray(17)), decipher.final()]);
+  const raw = H.decodeProtobuf(plaintext);
+  const stringFields = new Set(['number', 'provisioningCode', 'userAgent', 'aci', 'pni']);
+  const out = {};
+  for (const [name, number] of Object.entries(PROVISION_MESSAGE_FIELDS)) {
+    const v = raw[number]?.at(-1)?.value;
+    if (v === undefined) continue;
+    out[name] = stringFields.has(name) ? fromUtf8(v) : typeof v === 'bigint' ? Number(v) : v;
+  }
+  return out;
 }

@@ -62,7 +62,6 @@ def device_info(device: Device) -> dict[str, Any]:
         "id": device.device_id,
         "name": base64.b64encode(device.name).decode() if device.name else None,
         "lastSeen": device.last_seen,
-        "created": device.created_at,
         "registrationId": device.registration_id,
         "createdAtCiphertext": None,
     }
@@ -210,10 +209,11 @@ class DeviceService:
         return {"devices": [device_info(d) for d in principal.account.devices]}
 
     async def remove(self, principal: Principal, device_id: int) -> None:
-        if device_id == 1:
-            raise ServiceError(403, "forbidden", "the primary device cannot be removed")
+        # The caller's right first (as Signal-Server): a linked device removing any other → 401.
         if not principal.device.is_primary and principal.device_id != device_id:
             raise ServiceError(401, "unauthorized", "a linked device may remove only itself")
+        if device_id == 1:
+            raise ServiceError(403, "forbidden", "the primary device cannot be removed")
         if not await self.store.remove_device(principal.aci, device_id):
             raise ServiceError(404, "not_found", "no such device")
         await self.accounts.disconnect(principal.aci, [device_id])
