@@ -53,7 +53,9 @@ class SocketDelivery:
         # queue and acknowledged is not sent twice.
         self._recent: OrderedDict[uuid.UUID, None] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
-        self._helpers: list[asyncio.Task[None]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._expirer: asyncio.Task[None] | None = None
+        self._stopping = False
         self._deadlines: dict[int, tuple[float, asyncio.Future[WebSocketResponse]]] = {}
         self._answered_ok: list[Outgoing] = []
         self._acks_ready = asyncio.Event()
@@ -75,21 +77,22 @@ class SocketDelivery:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="mailslot-sender-loop")
-        self._helpers = [asyncio.create_task(self._flush_acks()), asyncio.create_task(self._expire_answers())]
+        self._flusher = asyncio.create_task(self._flush_acks())
+        self._expirer = asyncio.create_task(self._expire_answers())
 
     async def stop(self) -> None:
-        for task in [self._task, *self._helpers]:
+        for task in (self._task, self._expirer):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        # Acknowledgements that arrived before the close are still settled: none is lost.
-        batch, self._answered_ok = self._answered_ok, []
-        if batch:
-            try:
-                await self.delivery.acknowledge_many(self.key[0], self.key[1], batch)
-            except Exception:
-                log.exception("acknowledgement failed; the messages stay queued")
+        # Acknowledgements that arrived before the close are still settled: none is lost. The flusher is
+        # not cancelled (a batch cut off between taking and committing would be redelivered, and its
+        # receipts never sent): it finishes what it holds, settles the rest, and returns.
+        self._stopping = True
+        self._acks_ready.set()
+        if self._flusher is not None:
+            await self._flusher
 
     async def _run(self) -> None:
         first = True
@@ -104,7 +107,9 @@ class SocketDelivery:
                         first = False
                         future = await self.session.start_request("PUT", QUEUE_EMPTY_PATH, None, [_timestamp_header()])
                         future.add_done_callback(_ignore_outcome)
-                while self._handover:
+                # If the hand-over overflowed meanwhile, the messages it dropped are older than what it
+                # holds now: read the queue first, or a newer message would overtake them.
+                while self._handover and not self._read_queue:
                     message = self._handover.popleft()
                     if message.id in self._in_flight or message.guid in self._recent or message.id in self._refused:
                         continue
@@ -160,21 +165,25 @@ class SocketDelivery:
             await self._acks_ready.wait()
             self._acks_ready.clear()
             batch, self._answered_ok = self._answered_ok, []
-            if not batch:
-                continue
-            try:
-                await self.delivery.acknowledge_many(self.key[0], self.key[1], batch)
-            except Exception:
-                log.exception("acknowledgement failed; the messages stay queued")
-                for message in batch:
-                    self._in_flight.discard(message.id)
-                    self._refused.add(message.id)
-                continue
+            if batch:
+                await self._settle(batch)
+            if self._stopping and not self._answered_ok:
+                return
+
+    async def _settle(self, batch: list[Outgoing]) -> None:
+        try:
+            await self.delivery.acknowledge_many(self.key[0], self.key[1], batch)
+        except Exception:
+            log.exception("acknowledgement failed; the messages stay queued")
             for message in batch:
                 self._in_flight.discard(message.id)
-                self._recent[message.guid] = None
-            while len(self._recent) > RECENT_DONE:
-                self._recent.popitem(last=False)
+                self._refused.add(message.id)
+            return
+        for message in batch:
+            self._in_flight.discard(message.id)
+            self._recent[message.guid] = None
+        while len(self._recent) > RECENT_DONE:
+            self._recent.popitem(last=False)
 
     async def _expire_answers(self) -> None:
         """A delivery without an answer for ACK_TIMEOUT_SECONDS counts as refused (it stays queued)."""

@@ -29,6 +29,11 @@ def provisioning_address_message(address: str) -> bytes:
     return b"\x0a" + bytes([len(data)]) + data  # field 1, length-delimited; addresses are < 128 bytes
 
 
+def _ignore_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a socket closed before answering is not an error here
+
+
 def install_provisioning(app: Any) -> None:
     async def endpoint(websocket: WebSocket) -> None:
         services = app.state.services
@@ -49,14 +54,17 @@ def install_provisioning(app: Any) -> None:
         address = services.provisioning.new_address(deliver)
 
         async def lifecycle() -> None:
-            await session.send_request(
-                "PUT",
-                "/v1/address",
-                provisioning_address_message(address),
-                [f"X-Signal-Timestamp:{int(time.time() * 1000)}"],
-            )
+            # The lifetime counts from the connection, and the address request's answer is not awaited:
+            # a client that never answers it must not hold the socket open past the lifetime.
             try:
                 async with asyncio.timeout(LIFETIME_SECONDS):
+                    announced = await session.start_request(
+                        "PUT",
+                        "/v1/address",
+                        provisioning_address_message(address),
+                        [f"X-Signal-Timestamp:{int(time.time() * 1000)}"],
+                    )
+                    announced.add_done_callback(_ignore_outcome)
                     await delivered.wait()
             except TimeoutError:
                 await session.close(1000, "Timeout")
