@@ -427,7 +427,7 @@ def test_wait_for_linked_device_wakes_when_the_link_completes(client: TestClient
     outcome: dict[str, Any] = {}
 
     def wait() -> None:
-        outcome["response"] = client.get(f"{path}?timeout=30", headers=alice.auth)
+        outcome["response"] = client.get(f"{path}?timeout=5", headers=alice.auth)
         outcome["at"] = time.monotonic()
 
     waiter = threading.Thread(target=wait, daemon=True)
