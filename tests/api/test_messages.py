@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 import uuid
@@ -12,66 +13,15 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
-from starlette.testclient import WebSocketTestSession
 from starlette.websockets import WebSocketDisconnect
 
 from mailslot.backends.sql import tables as t
-from mailslot.protocol.envelope_pb2 import Envelope
-from mailslot.protocol.websocket_pb2 import WebSocketMessage, WebSocketResponseMessage
+from mailslot.protocol.websocket_pb2 import WebSocketMessage, WebSocketRequestMessage
+from tests.api.delivery_support import Device, access_key, message, pending, receive_frame, send
 from tests.api.foundation_support import add_linked_device, call, custom_client, services
 from tests.helpers import TestAccount, b64, register
 
 A, B, C = "+15555550071", "+15555550072", "+15555550073"
-
-
-def message(content: bytes = b"hello", device: int = 1, registration: int = 1234, kind: int = 1) -> dict[str, Any]:
-    return {
-        "type": kind,
-        "destinationDeviceId": device,
-        "destinationRegistrationId": registration,
-        "content": b64(content),
-    }
-
-
-def send(
-    client: TestClient,
-    sender: TestAccount | None,
-    to: TestAccount,
-    *messages: dict[str, Any],
-    headers: dict[str, str] | None = None,
-    **extra: Any,
-) -> Any:
-    body = {"messages": list(messages) or [message()], "timestamp": 1000, **extra}
-    auth = sender.auth if sender else {}
-    return client.put(f"/v1/messages/{to.aci}", json=body, headers={**auth, **(headers or {})})
-
-
-class Device:
-    """A receiving socket: reads pushed envelopes and answers them."""
-
-    def __init__(self, ws: WebSocketTestSession) -> None:
-        self.ws = ws
-
-    def next_request(self) -> Any:
-        while True:
-            frame = WebSocketMessage.FromString(self.ws.receive_bytes())
-            if frame.type == WebSocketMessage.REQUEST:
-                return frame.request
-
-    def answer(self, request: Any, status: int = 200) -> None:
-        reply = WebSocketMessage(
-            type=WebSocketMessage.RESPONSE, response=WebSocketResponseMessage(id=request.id, status=status)
-        )
-        self.ws.send_bytes(reply.SerializeToString())
-
-    def envelopes(self, count: int, status: int = 200) -> list[Envelope]:
-        out = []
-        while len(out) < count:
-            request = self.next_request()
-            self.answer(request, 200 if request.path != "/api/v1/message" else status)
-            if request.path == "/api/v1/message":
-                out.append(Envelope.FromString(request.body))
-        return out
 
 
 @pytest.fixture
@@ -397,3 +347,159 @@ def test_multi_recipient_stores_the_shared_payload_once(client: TestClient) -> N
     assert client.put("/v1/messages/multi_recipient", content=b"", headers=headers).status_code == 400
     plain = {**headers, "Content-Type": "application/octet-stream"}
     assert client.put("/v1/messages/multi_recipient", content=payload, headers=plain).status_code == 415
+
+
+# -- more of §5.1 and §5.4 -------------------------------------------------------------------------
+
+
+def test_content_size_limit_is_96_kib_for_every_kind_of_send(
+    client: TestClient, pair: tuple[TestAccount, TestAccount]
+) -> None:
+    alice, bob = pair
+    limit = 96 * 1024
+    assert send(client, alice, bob, message(b"x" * limit)).status_code == 200
+    assert send(client, alice, bob, message(b"x" * (limit + 1))).status_code == 413
+    sealed = access_key(bob.uak)
+    assert send(client, None, bob, message(b"x" * (limit + 1), kind=6), headers=sealed).status_code == 413
+    assert send(client, alice, bob, message(b"")).status_code == 422  # content needs a byte
+    (entity,) = client.get("/v1/messages", headers=bob.auth).json()["messages"]
+    assert len(base64.b64decode(entity["content"])) == limit
+
+
+def test_sync_from_a_linked_device_names_every_other_device(
+    client: TestClient, pair: tuple[TestAccount, TestAccount]
+) -> None:
+    alice, bob = pair
+    linked = add_linked_device(client, alice.aci, 2)
+    add_linked_device(client, alice.aci, 3)
+    # From device 2: devices 1 and 3, never 2 itself.
+    body = {"messages": [message(b"sync", 1, 1234), message(b"sync", 2, 77)], "timestamp": 5}
+    response = client.put(f"/v1/messages/{alice.aci}", json=body, headers=linked)
+    assert response.status_code == 409 and response.json() == {"missingDevices": [3], "extraDevices": [2]}
+    body = {"messages": [message(b"sync", 1, 1234), message(b"sync", 3, 77)], "timestamp": 5}
+    response = client.put(f"/v1/messages/{alice.aci}", json=body, headers=linked)
+    assert response.status_code == 200 and response.json() == {"needsSync": False}
+    (entity,) = client.get("/v1/messages", headers=alice.auth).json()["messages"]
+    assert (entity["sourceUuid"], entity["sourceDevice"], entity["destinationUuid"]) == (alice.aci, 2, alice.aci)
+    assert pending(client, alice.aci, 2) == 0 and pending(client, alice.aci, 3) == 1
+    # An ordinary send from a linked device also asks for a sync.
+    assert client.put(f"/v1/messages/{bob.aci}", json={"messages": [message()]}, headers=linked).json() == {
+        "needsSync": True
+    }
+
+
+def test_urgent_defaults_to_true_and_timestamp_zero_means_server_time(
+    client: TestClient, pair: tuple[TestAccount, TestAccount]
+) -> None:
+    alice, bob = pair
+    before = int(time.time() * 1000)
+    body = {"messages": [message(b"default")], "timestamp": 0}
+    assert client.put(f"/v1/messages/{bob.aci}", json=body, headers=alice.auth).status_code == 200
+    after = int(time.time() * 1000)
+    with client.websocket_connect("/v1/websocket/", headers=bob.auth) as ws:
+        device = Device(ws)
+        envelope = device.envelopes(1)[0]
+    assert envelope.HasField("urgent") and envelope.urgent is True
+    assert before <= envelope.client_timestamp <= after and before <= envelope.server_timestamp <= after
+    body = {"messages": [message()], "timestamp": 8_640_000_000_000_001}
+    assert client.put(f"/v1/messages/{bob.aci}", json=body, headers=alice.auth).status_code in (400, 422)
+
+
+def test_sealed_sender_access_rules(client: TestClient, pair: tuple[TestAccount, TestAccount]) -> None:
+    alice, bob = pair
+    open_to_all = register(client, C, accountAttributes={"unrestrictedUnidentifiedAccess": True})
+    any_key = access_key(bytes(range(16)))
+    assert send(client, None, open_to_all, message(kind=6), headers=any_key).status_code == 200
+    assert send(client, None, open_to_all, message(kind=6)).status_code == 401  # still needs a key
+    malformed = {"Unidentified-Access-Key": "not base64!"}
+    assert send(client, None, open_to_all, message(kind=6), headers=malformed).status_code == 401
+    # Sealed sender never addresses a PNI, whatever the key.
+    body = {"messages": [message(kind=6, registration=4321)]}
+    headers = access_key(bob.uak)
+    assert client.put(f"/v1/messages/PNI:{bob.pni}", json=body, headers=headers).status_code == 401
+    token = {"Group-Send-Token": base64.b64encode(b"token").decode()}
+    assert send(client, None, bob, message(kind=6), headers={**headers, **token}).status_code == 400
+    assert send(client, alice, bob, message(), headers=token).status_code == 400
+    assert pending(client, bob.aci) == 0 and pending(client, open_to_all.aci) == 1
+
+
+def test_sends_over_the_socket_are_delivered_like_http_sends(
+    client: TestClient, pair: tuple[TestAccount, TestAccount]
+) -> None:
+    alice, bob = pair
+    with client.websocket_connect("/v1/websocket/", headers=bob.auth) as receiver, \
+            client.websocket_connect("/v1/websocket/") as anonymous:
+        device = Device(receiver)
+        device.expect_queue_empty()
+        body = json.dumps({"messages": [message(b"sealed over the socket", kind=6)], "timestamp": 31}).encode()
+        request = WebSocketRequestMessage(
+            verb="PUT", path=f"/v1/messages/{bob.aci}", id=7, body=body,
+            headers=["content-type:application/json", f"unidentified-access-key:{b64(bob.uak)}"],
+        )
+        anonymous.send_bytes(WebSocketMessage(type=WebSocketMessage.REQUEST, request=request).SerializeToString())
+        answer = receive_frame(anonymous)
+        assert answer.response.id == 7 and answer.response.status == 200
+        assert json.loads(answer.response.body) == {"needsSync": False}
+        envelope = device.envelopes(1)[0]
+        assert envelope.content == b"sealed over the socket" and envelope.type == 6
+        assert envelope.client_timestamp == 31 and not envelope.HasField("source_service_id")
+        request.id, request.headers[:] = 8, ["content-type:application/json"]  # no key: refused
+        anonymous.send_bytes(WebSocketMessage(type=WebSocketMessage.REQUEST, request=request).SerializeToString())
+        assert receive_frame(anonymous).response.status == 401
+        device.assert_silent()
+
+
+def test_inbound_bytes_limit_and_retry_after(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    limits = {
+        "messages": {"capacity": 1, "permit_seconds": 30},
+        "inboundMessageBytes": {"capacity": 1_000, "permit_seconds": 60},
+    }
+    with custom_client(backend, tmp_path, request, rate_limits=limits) as client:
+        alice, bob = register(client, A), register(client, B)
+        assert send(client, alice, bob, message(b"x" * 600)).status_code == 200
+        limited = send(client, alice, bob, message(b"y"))
+        assert limited.status_code == 429 and 0 < int(limited.headers["retry-after"]) <= 30
+        # Sealed sends are not under the per-pair limit, but they do count against the destination's bytes.
+        sealed = access_key(bob.uak)
+        assert send(client, None, bob, message(b"z" * 300, kind=6), headers=sealed).status_code == 200
+        limited = send(client, None, bob, message(b"w" * 200, kind=6), headers=sealed)
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) > 0
+        assert pending(client, bob.aci) == 2  # nothing queued by a limited request
+
+
+def test_polling_shape_paging_and_deleting_only_ones_own(
+    client: TestClient, pair: tuple[TestAccount, TestAccount]
+) -> None:
+    alice, bob = pair
+    carol = register(client, C)
+    assert client.get("/v1/messages").status_code == 401
+    sealed = access_key(bob.uak)
+    for i in range(101):
+        assert send(client, None, bob, message(f"{i}".encode(), kind=6), headers=sealed).status_code == 200
+    send(client, alice, bob, message(b"identified"), timestamp=4242)
+    started = time.monotonic()
+    page = client.get("/v1/messages?timeout=0", headers=bob.auth).json()
+    assert time.monotonic() - started < 1.0
+    assert page["more"] is True and len(page["messages"]) == 100
+    assert [base64.b64decode(m["content"]) for m in page["messages"]] == [f"{i}".encode() for i in range(100)]
+    for entity in page["messages"]:
+        assert client.delete(f"/v1/messages/uuid/{entity['guid']}", headers=bob.auth).status_code == 204
+    page = client.get("/v1/messages", headers=bob.auth).json()
+    assert page["more"] is False and len(page["messages"]) == 2
+    identified = page["messages"][1]
+    assert set(identified) == {
+        "guid", "type", "timestamp", "sourceUuid", "sourceDevice", "destinationUuid", "updatedPni", "content",
+        "serverTimestamp", "urgent", "story", "reportSpamToken",
+    }
+    assert uuid.UUID(identified["guid"]) and identified["type"] == 1 and identified["timestamp"] == 4242
+    assert (identified["sourceUuid"], identified["sourceDevice"], identified["destinationUuid"]) == (
+        alice.aci, 1, bob.aci
+    )
+    assert identified["urgent"] is True and identified["story"] is False and identified["updatedPni"] is None
+    assert isinstance(identified["serverTimestamp"], int) and identified["serverTimestamp"] > 0
+    assert page["messages"][0]["sourceUuid"] is None and page["messages"][0]["sourceDevice"] is None
+    # Another account cannot acknowledge Bob's message: 204 (no oracle), but it stays.
+    assert client.delete(f"/v1/messages/uuid/{identified['guid']}", headers=carol.auth).status_code == 204
+    assert client.delete(f"/v1/messages/uuid/{uuid.uuid4()}", headers=bob.auth).status_code == 204
+    assert pending(client, bob.aci) == 2
+    assert client.get("/v1/messages?timeout=-1", headers=bob.auth).status_code == 422
