@@ -278,23 +278,8 @@ class AccountService:
             totp_backup_codes=existing.totp_backup_codes if existing else [],
         )
         self._apply_lock_and_recovery(account, attrs)
-        auth_hash, auth_salt = tokenhash.generate(password)
-        today = created - created % 86_400_000
-        primary_device = Device(
-            device_id=PRIMARY_DEVICE_ID,
-            auth_hash=auth_hash,
-            auth_salt=auth_salt,
-            registration_id=attrs.registration_id,
-            pni_registration_id=attrs.pni_registration_id,
-            name=attrs.name,
-            fetches_messages=attrs.fetches_messages,
-            capabilities=known_capabilities(attrs.capabilities),
-            created_at=created,
-            last_seen=today,
-            user_agent=platform_tag(user_agent),
-            gcm_token=request.gcm_token,
-            apn_token=request.apn_token,
-            token_generation=secrets.token_hex(16),
+        primary_device = new_device(
+            PRIMARY_DEVICE_ID, password, attrs, user_agent, request.apn_token, request.gcm_token, created
         )
         account.devices = [primary_device]
         keys = [DeviceKeys("aci", request.aci_signed_pre_key, request.aci_pq_last_resort_pre_key)]
@@ -419,6 +404,35 @@ class AccountService:
             "data": data,
             "text": "\n".join(lines) + "\n",
         }
+
+
+def new_device(
+    device_id: int,
+    password: str,
+    attrs: AccountAttributes,
+    user_agent: str | None,
+    apn_token: str | None,
+    gcm_token: str | None,
+    created_ms: int,
+) -> Device:
+    """A device record as registration and linking create it (password hashed, last-seen to the day)."""
+    auth_hash, auth_salt = tokenhash.generate(password)
+    return Device(
+        device_id=device_id,
+        auth_hash=auth_hash,
+        auth_salt=auth_salt,
+        registration_id=attrs.registration_id,
+        pni_registration_id=attrs.pni_registration_id,
+        name=attrs.name,
+        fetches_messages=attrs.fetches_messages,
+        capabilities=known_capabilities(attrs.capabilities),
+        created_at=created_ms,
+        last_seen=created_ms - created_ms % 86_400_000,
+        user_agent=platform_tag(user_agent),
+        gcm_token=gcm_token,
+        apn_token=apn_token,
+        token_generation=secrets.token_hex(16),
+    )
 
 
 def known_capabilities(capabilities: dict[str, bool]) -> dict[str, bool]:

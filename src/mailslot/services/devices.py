@@ -14,12 +14,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mailslot.crypto import tokenhash
 from mailslot.services.accounts import (
     AccountAttributes,
     AccountService,
     known_capabilities,
-    platform_tag,
+    new_device,
     verify_signed_keys,
 )
 from mailslot.services.credentials import Principal
@@ -143,23 +142,8 @@ class DeviceService:
             hashlib.sha256(request.verification_code.encode()).hexdigest(), issued // 1000 + LINK_TOKEN_SECONDS
         ):
             raise ServiceError(403, "invalid_link_token", "the link token was already used")
-        auth_hash, auth_salt = tokenhash.generate(password)
-        now = int(time.time() * 1000)
-        device = Device(
-            device_id=0,
-            auth_hash=auth_hash,
-            auth_salt=auth_salt,
-            registration_id=attrs.registration_id,
-            pni_registration_id=attrs.pni_registration_id,
-            name=attrs.name,
-            fetches_messages=attrs.fetches_messages,
-            capabilities=known_capabilities(attrs.capabilities),
-            created_at=now,
-            last_seen=now - now % 86_400_000,
-            user_agent=platform_tag(user_agent),
-            gcm_token=request.gcm_token,
-            apn_token=request.apn_token,
-            token_generation=secrets.token_hex(16),
+        device = new_device(
+            0, password, attrs, user_agent, request.apn_token, request.gcm_token, int(time.time() * 1000)
         )
         keys = [DeviceKeys("aci", request.aci_signed_pre_key, request.aci_pq_last_resort_pre_key)]
         if has_pni and pni_keys[0] is not None and pni_keys[1] is not None:

@@ -139,10 +139,6 @@ class KeyStore(Protocol):
 class MessageStore(Protocol):
     """Per-device queues of envelopes, oldest first."""
 
-    async def insert(self, messages: list[NewMessage], shared: SharedPayload | None = None) -> list[int]:
-        """Insert every message (and the shared payload) in one transaction; returns their ids in order."""
-        ...
-
     async def apply(
         self, messages: list[NewMessage], shared: list[SharedPayload], deletes: list[tuple[uuid.UUID, int, int]]
     ) -> list[int]:
@@ -156,10 +152,6 @@ class MessageStore(Protocol):
         ...
 
     async def delete(self, aci: uuid.UUID, device_id: int, ids: list[int]) -> int: ...
-
-    async def delete_many(self, keys: list[tuple[uuid.UUID, int, int]]) -> int:
-        """Delete ``(aci, device_id, id)`` rows in one transaction (batched acknowledgements)."""
-        ...
 
     async def take_by_guid(self, aci: uuid.UUID, device_id: int, guid: uuid.UUID) -> StoredMessage | None:
         """Delete the message with this GUID from the queue and return it, if it was there."""

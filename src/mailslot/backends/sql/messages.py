@@ -31,9 +31,6 @@ class SqlMessageStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def insert(self, messages: list[NewMessage], shared: SharedPayload | None = None) -> list[int]:
-        return await self.apply(messages, [shared] if shared is not None else [], [])
-
     async def apply(
         self, messages: list[NewMessage], shared: list[SharedPayload], deletes: list[tuple[uuid.UUID, int, int]]
     ) -> list[int]:
@@ -103,22 +100,6 @@ class SqlMessageStore:
             result = await conn.execute(
                 _m.delete().where(_m.c.aci == aci, _m.c.device_id == device_id, _m.c.id.in_(ids))
             )
-            return int(result.rowcount or 0)
-
-    async def delete_many(self, keys: list[tuple[uuid.UUID, int, int]]) -> int:
-        if not keys:
-            return 0
-        # Ids are unique across queues; the owner columns only guard against a wrong id.
-        owners = {(aci, device) for aci, device, _ in keys}
-        ids = [message_id for _, _, message_id in keys]
-        async with self.db.write() as conn:
-            if len(owners) == 1:
-                aci, device = next(iter(owners))
-                result = await conn.execute(
-                    _m.delete().where(_m.c.aci == aci, _m.c.device_id == device, _m.c.id.in_(ids))
-                )
-            else:
-                result = await conn.execute(_m.delete().where(_m.c.id.in_(ids)))
             return int(result.rowcount or 0)
 
     async def take_by_guid(self, aci: uuid.UUID, device_id: int, guid: uuid.UUID) -> StoredMessage | None:
