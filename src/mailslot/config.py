@@ -50,7 +50,15 @@ class StorageSettings(BaseModel):
 
 
 class ClusterSettings(BaseModel):
+    # Empty: one process, in-process bus. Set: presence, the bus and rate limits go through Redis.
     redis_url: str = ""
+    # Prefix of every Redis key and channel, so that several clusters (or test runs) can share a Redis.
+    key_prefix: str = "mailslot"
+    # How this node names itself in Redis; empty means host name, process id and a random suffix.
+    node_id: str = ""
+    # Every connected device's queue is re-read this often, so that a wake-up lost while Redis was
+    # away is made up for even if nothing else arrives. 0 turns the sweep off.
+    sweep_seconds: float = 30.0
 
 
 class ServerKeySettings(BaseModel):

@@ -10,12 +10,6 @@ from pathlib import Path
 
 from mailslot.backends.memory.account_cache import CachedAccountStore
 from mailslot.backends.memory.ratelimit import MemoryRateLimitBackend
-from mailslot.backends.sql.accounts import SqlAccountStore
-from mailslot.backends.sql.database import Database
-from mailslot.backends.sql.keys import SqlKeyStore
-from mailslot.backends.sql.messages import SqlMessageStore
-from mailslot.backends.sql.migrations import migrate
-from mailslot.backends.sql.sessions import SqlRefreshTokenStore, SqlVerificationSessionStore
 from mailslot.config import DeliverySettings, Settings
 from mailslot.crypto.atrest import AtRestKeyring, keyring_from_config
 from mailslot.sealed_sender_setup import load_keys
@@ -30,6 +24,7 @@ from mailslot.services.presence import LocalPresence
 from mailslot.services.ratelimit import RateLimiters
 from mailslot.services.sms import build_sender
 from mailslot.services.verification import VerificationService
+from mailslot.storage_setup import open_storage
 
 
 def _secret_file(data_dir: Path, name: str, nbytes: int = 32) -> bytes:
@@ -58,38 +53,32 @@ def parse_networks(entries: list[str]) -> list[ipaddress.IPv4Network | ipaddress
 
 
 async def build_services(settings: Settings, run_migrations: bool = True) -> Services:
-    db = Database.from_settings(settings.storage)
-    if run_migrations:
-        await migrate(db.engine)
+    storage = await open_storage(settings.storage, run_migrations)
     data_dir = Path(settings.storage.data_dir)
     jwt_secret = (
         settings.auth.jwt_secret.encode() if settings.auth.jwt_secret else _secret_file(data_dir, "jwt.secret")
     )
     limiters = RateLimiters(MemoryRateLimitBackend(), settings.rate_limits)
     sender = build_sender(settings.registration)
-    session_store = SqlVerificationSessionStore(db)
-    verification = VerificationService(session_store, sender, limiters, settings.registration)
-    sql_accounts = SqlAccountStore(db)
-    account_store = CachedAccountStore(sql_accounts, settings.storage.account_cache_seconds)
+    verification = VerificationService(storage.sessions, sender, limiters, settings.registration)
+    account_store = CachedAccountStore(storage.accounts, settings.storage.account_cache_seconds)
     accounts = AccountService(account_store, verification, limiters)
     try:
         sealed = load_keys(settings.sealed_sender, data_dir)
     except Exception:
-        await db.close()
+        await storage.close()
         raise
     certificates = CertificateService(
         sealed.trust_root, sealed.signer, sealed.signer_private_key, settings.sealed_sender.certificate_days
     )
-    refresh_store = SqlRefreshTokenStore(db)
     tokens = TokenService(
-        jwt_secret, refresh_store, settings.auth.access_token_seconds, settings.auth.refresh_token_seconds
+        jwt_secret, storage.refresh_tokens, settings.auth.access_token_seconds, settings.auth.refresh_token_seconds
     )
     link_secret = (
         settings.auth.link_secret.encode() if settings.auth.link_secret else _secret_file(data_dir, "link.secret")
     )
-    message_store = SqlMessageStore(db)
     delivery = DeliveryService(
-        account_store, message_store, limiters, load_keyring(settings.delivery, data_dir), settings.delivery,
+        account_store, storage.messages, limiters, load_keyring(settings.delivery, data_dir), settings.delivery,
         LocalPresence(),
     )
     accounts.disconnect_listeners.append(delivery.disconnect)
@@ -100,7 +89,7 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
         accounts=accounts,
         tokens=tokens,
         authenticator=Authenticator(accounts, tokens),
-        keys=KeyService(account_store, SqlKeyStore(db), limiters),
+        keys=KeyService(account_store, storage.keys, limiters),
         certificates=certificates,
         delivery=delivery,
         devices=DeviceService(account_store, accounts, limiters, link_secret),
@@ -108,11 +97,8 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
         trusted_proxies=parse_networks(settings.server.trusted_proxies),
         trust_root=base64.b64encode(sealed.trust_root).decode(),
     )
-    services.retention.purges["verification_sessions"] = session_store.delete_expired
-    services.retention.purges["refresh_tokens"] = refresh_store.delete_expired
-    services.retention.purges["messages"] = message_store.delete_expired
-    services.retention.purges["used_link_tokens"] = sql_accounts.delete_expired_link_tokens
-    services.readiness_checks["storage"] = db.ping
-    services.closers.append(db.close)
+    services.retention.purges.update(storage.purges)
+    services.readiness_checks.update(storage.pings)
+    services.closers.append(storage.close)
     services.closers.append(sender.close)
     return services
