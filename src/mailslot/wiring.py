@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mailslot.backends.memory.account_cache import CachedAccountStore
 from mailslot.backends.memory.ratelimit import MemoryRateLimitBackend
+from mailslot.backends.redis.cluster import open_cluster
 from mailslot.config import DeliverySettings, Settings
 from mailslot.crypto.atrest import AtRestKeyring, keyring_from_config
 from mailslot.sealed_sender_setup import load_keys
@@ -58,15 +59,20 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
     jwt_secret = (
         settings.auth.jwt_secret.encode() if settings.auth.jwt_secret else _secret_file(data_dir, "jwt.secret")
     )
-    limiters = RateLimiters(MemoryRateLimitBackend(), settings.rate_limits)
+    cluster = await open_cluster(settings.cluster) if settings.cluster.redis_url else None
+    limiters = RateLimiters(cluster.rate_limits if cluster else MemoryRateLimitBackend(), settings.rate_limits)
     sender = build_sender(settings.registration)
     verification = VerificationService(storage.sessions, sender, limiters, settings.registration)
     account_store = CachedAccountStore(storage.accounts, settings.storage.account_cache_seconds)
+    if cluster is not None:
+        cluster.share_account_cache(account_store)
     accounts = AccountService(account_store, verification, limiters)
     try:
         sealed = load_keys(settings.sealed_sender, data_dir)
     except Exception:
         await storage.close()
+        if cluster is not None:
+            await cluster.close()
         raise
     certificates = CertificateService(
         sealed.trust_root, sealed.signer, sealed.signer_private_key, settings.sealed_sender.certificate_days
@@ -79,7 +85,7 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
     )
     delivery = DeliveryService(
         account_store, storage.messages, limiters, load_keyring(settings.delivery, data_dir), settings.delivery,
-        LocalPresence(),
+        cluster.presence if cluster else LocalPresence(),
     )
     accounts.disconnect_listeners.append(delivery.disconnect)
     services = Services(
@@ -92,13 +98,18 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
         keys=KeyService(account_store, storage.keys, limiters),
         certificates=certificates,
         delivery=delivery,
-        devices=DeviceService(account_store, accounts, limiters, link_secret),
-        provisioning=ProvisioningRegistry(),
+        devices=DeviceService(
+            account_store, accounts, limiters, link_secret, cluster.link_waits if cluster else None
+        ),
+        provisioning=cluster.provisioning if cluster else ProvisioningRegistry(),
         trusted_proxies=parse_networks(settings.server.trusted_proxies),
         trust_root=base64.b64encode(sealed.trust_root).decode(),
     )
     services.retention.purges.update(storage.purges)
     services.readiness_checks.update(storage.pings)
     services.closers.append(storage.close)
+    if cluster is not None:
+        services.readiness_checks["redis"] = cluster.bus.ping
+        services.closers.append(cluster.close)
     services.closers.append(sender.close)
     return services

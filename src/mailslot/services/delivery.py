@@ -293,7 +293,7 @@ class DeliveryService:
             return
         for key, out, envelope in items:
             # Ephemeral messages are never stored: only a device connected now gets them.
-            if self.presence.is_present(key):
+            if self.presence.might_be_present(key):
                 self._ephemeral_ids -= 1
                 out.id = self._ephemeral_ids
                 out.envelope = envelope
@@ -386,7 +386,7 @@ class DeliveryService:
                 full = _append_content(head, MultiRecipientMessage.assemble(part, shared_plain))
                 out = Outgoing(0, guid, full, story)
                 if online:
-                    if self.presence.is_present(key):
+                    if self.presence.might_be_present(key):
                         self._ephemeral_ids -= 1
                         out.id = self._ephemeral_ids
                         self.presence.notify(key, [out])
@@ -495,6 +495,7 @@ class DeliveryService:
         key = (aci, device_id)
         event = self.presence.add_waiter(key)
         try:
+            await self.presence.settle(key)
             messages = await self.fetch(aci, device_id, set())
             if messages or wait_seconds <= 0:
                 return messages
@@ -509,8 +510,7 @@ class DeliveryService:
 
     async def disconnect(self, aci: uuid.UUID, device_ids: list[int] | None) -> None:
         """Credentials changed or the account/device is gone: close its sockets with 4401."""
-        for listener in self.presence.listeners_of(aci, device_ids):
-            await listener.displace(4401, "Reauthentication required")
+        await self.presence.disconnect(aci, device_ids, 4401, "Reauthentication required")
 
     async def pending_count(self, aci: uuid.UUID, device_id: int) -> int:
         return await self.messages.count(aci, device_id)

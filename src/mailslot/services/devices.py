@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from mailslot.services.accounts import (
     AccountAttributes,
@@ -66,16 +66,57 @@ def device_info(device: Device) -> dict[str, Any]:
     }
 
 
+class LinkWaits(Protocol):
+    """Where "a device linked with this token" waits for the primary that asked (any node, in a cluster)."""
+
+    async def announce(self, identifier: str, info: dict[str, Any]) -> None: ...
+
+    async def wait(self, identifier: str, wait_seconds: float) -> dict[str, Any] | None: ...
+
+
+class LocalLinkWaits:
+    """In one process: tokenIdentifier → (expiry, DeviceInfo or None, event), kept for an hour."""
+
+    def __init__(self) -> None:
+        self._linked: dict[str, tuple[float, dict[str, Any] | None, asyncio.Event]] = {}
+
+    def _entry(self, identifier: str) -> tuple[float, dict[str, Any] | None, asyncio.Event]:
+        now = time.monotonic()
+        for key in [k for k, (expires, _, _) in self._linked.items() if expires < now]:
+            del self._linked[key]
+        entry = self._linked.get(identifier)
+        if entry is None:
+            entry = (now + LINKED_INFO_SECONDS, None, asyncio.Event())
+            self._linked[identifier] = entry
+        return entry
+
+    async def announce(self, identifier: str, info: dict[str, Any]) -> None:
+        expires, _, event = self._entry(identifier)
+        self._linked[identifier] = (expires, info, event)
+        event.set()
+
+    async def wait(self, identifier: str, wait_seconds: float) -> dict[str, Any] | None:
+        _, info, event = self._entry(identifier)
+        if info is None:
+            try:
+                async with asyncio.timeout(wait_seconds):
+                    await event.wait()
+            except TimeoutError:
+                return None
+            info = self._linked.get(identifier, (0.0, None, event))[1]
+        return info
+
+
 class DeviceService:
     def __init__(
-        self, store: AccountStore, accounts: AccountService, limiters: RateLimiters, link_secret: bytes
+        self, store: AccountStore, accounts: AccountService, limiters: RateLimiters, link_secret: bytes,
+        link_waits: LinkWaits | None = None,
     ) -> None:
         self.store = store
         self.accounts = accounts
         self.limiters = limiters
         self._secret = link_secret
-        # tokenIdentifier → (expiry, DeviceInfo or None, event): the in-process stand-in for Redis keys.
-        self._linked: dict[str, tuple[float, dict[str, Any] | None, asyncio.Event]] = {}
+        self.link_waits: LinkWaits = link_waits or LocalLinkWaits()
 
     # -- link tokens -----------------------------------------------------------------------------
 
@@ -153,23 +194,8 @@ class DeviceService:
             raise ServiceError(
                 411, "device_limit", "device limit reached", body={"current": MAX_DEVICES, "max": MAX_DEVICES}
             )
-        self._announce(token_identifier(request.verification_code), device_info(device))
+        await self.link_waits.announce(token_identifier(request.verification_code), device_info(device))
         return {"uuid": str(aci), "pni": str(account.pni) if account.pni else None, "deviceId": device_id}
-
-    def _entry(self, identifier: str) -> tuple[float, dict[str, Any] | None, asyncio.Event]:
-        now = time.monotonic()
-        for key in [k for k, (expires, _, _) in self._linked.items() if expires < now]:
-            del self._linked[key]
-        entry = self._linked.get(identifier)
-        if entry is None:
-            entry = (now + LINKED_INFO_SECONDS, None, asyncio.Event())
-            self._linked[identifier] = entry
-        return entry
-
-    def _announce(self, identifier: str, info: dict[str, Any]) -> None:
-        expires, _, event = self._entry(identifier)
-        self._linked[identifier] = (expires, info, event)
-        event.set()
 
     async def wait_for_linked_device(
         self, principal: Principal, identifier: str, wait_seconds: float
@@ -177,15 +203,7 @@ class DeviceService:
         if not 1 <= len(identifier) <= 64:
             raise ServiceError(400, "bad_request", "malformed token identifier")
         await self.limiters.check("waitForLinkedDevice", str(principal.aci))
-        _, info, event = self._entry(identifier)
-        if info is None:
-            try:
-                async with asyncio.timeout(wait_seconds):
-                    await event.wait()
-            except TimeoutError:
-                return None
-            info = self._linked.get(identifier, (0.0, None, event))[1]
-        return info
+        return await self.link_waits.wait(identifier, wait_seconds)
 
     # -- the device list -------------------------------------------------------------------------
 
@@ -221,7 +239,11 @@ Deliver = Callable[[bytes], Awaitable[bool]]
 
 
 class ProvisioningRegistry:
-    """Provisioning addresses of the sockets connected to this process (the in-process bus)."""
+    """Provisioning addresses of the sockets connected to this process (the in-process bus).
+
+    In a cluster a subclass also listens on a Redis channel per address, so the new device's socket
+    and the primary's ``PUT /v1/provisioning/{address}`` may reach different nodes.
+    """
 
     def __init__(self) -> None:
         self._listeners: dict[str, Deliver] = {}
@@ -231,8 +253,16 @@ class ProvisioningRegistry:
         self._listeners[address] = deliver
         return address
 
+    async def settle(self, address: str) -> None:
+        """Wait until the address can be reached (at once here; a subscription in a cluster)."""
+
     def release(self, address: str) -> None:
         self._listeners.pop(address, None)
+
+    async def forward(self, address: str, envelope: bytes) -> bool:
+        """Hand the message to the socket listening on ``address``; False when nobody listens."""
+        deliver = self._listeners.get(address)
+        return deliver is not None and await deliver(envelope)
 
     async def send(self, principal: Principal, limiters: RateLimiters, address: str, body_b64: str) -> None:
         await limiters.check("messages", str(principal.aci))
@@ -242,6 +272,5 @@ class ProvisioningRegistry:
             raise ServiceError(422, "invalid_request", "body: invalid base64") from exc
         if len(envelope) > MAX_PROVISIONING_BYTES:
             raise ServiceError(400, "too_large", "provisioning message is too large")
-        deliver = self._listeners.get(address)
-        if deliver is None or not await deliver(envelope):
+        if not await self.forward(address, envelope):
             raise ServiceError(404, "not_found", "nobody is listening on that provisioning address")

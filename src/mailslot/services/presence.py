@@ -1,8 +1,8 @@
 """Who is connected where: the in-process presence registry (embedded default).
 
 A device has at most one message-receiving socket; a newer one displaces the older (4409). Long-polls
-wait here too, without displacing anything. The cluster mode puts a Redis implementation of the same
-shape behind this interface.
+wait here too, without displacing anything. Cluster mode extends this registry with Redis
+(:mod:`mailslot.backends.redis.presence`): the same calls, plus wake-ups and displacement across nodes.
 """
 
 from __future__ import annotations
@@ -82,3 +82,16 @@ class LocalPresence:
             for (owner, device_id), listener in list(self._listeners.items())
             if owner == aci and (device_ids is None or device_id in device_ids)
         ]
+
+    async def settle(self, key: DeviceKey) -> None:
+        """Wait until wake-ups for ``key`` reach this process (at once here; a subscription in a cluster)."""
+
+    async def disconnect(self, aci: uuid.UUID, device_ids: Sequence[int] | None, code: int, reason: str) -> None:
+        """Close the account's (or the listed devices') sockets, wherever they are."""
+        for listener in self.listeners_of(aci, device_ids):
+            await listener.displace(code, reason)
+
+    def might_be_present(self, key: DeviceKey) -> bool:
+        """Whether an ephemeral message could reach the device: connected here (or, in a cluster, maybe
+        connected to another node)."""
+        return key in self._listeners

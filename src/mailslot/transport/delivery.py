@@ -222,6 +222,9 @@ class DeliveryHooks:
         if previous is not None:
             await previous.displace(4409, "Connected elsewhere")
         self._loops[id(session)] = loop
+        # In a cluster: once wake-ups from other nodes reach us (and older sockets elsewhere were told
+        # to go), the backlog read that starts the loop cannot miss a message.
+        await delivery.presence.settle(loop.key)
         loop.start()
 
     async def closed(self, session: WebSocketSession) -> None:

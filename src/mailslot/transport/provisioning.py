@@ -52,6 +52,7 @@ def install_provisioning(app: Any) -> None:
             return response.ok
 
         address = services.provisioning.new_address(deliver)
+        await services.provisioning.settle(address)
 
         async def lifecycle() -> None:
             # The lifetime counts from the connection, and the address request's answer is not awaited:

@@ -31,6 +31,8 @@ class CachedAccountStore:
         # One read per account at a time: concurrent misses wait for the read already under way.
         self._loading: dict[uuid.UUID, asyncio.Future[Account | None]] = {}
         self._generation = 0
+        # Called with the account id after each write through this cache (cluster mode tells other nodes).
+        self.write_listeners: list[Callable[[uuid.UUID], None]] = []
 
     def __getattr__(self, name: str) -> Any:
         # Anything beyond the interface (e.g. the database handle tests use) comes from the inner store.
@@ -40,6 +42,11 @@ class CachedAccountStore:
         self._by_aci.pop(aci, None)
         self._loading.pop(aci, None)  # a read that started before this write must not be cached
         self._generation += 1
+
+    def _written(self, aci: uuid.UUID) -> None:
+        self.invalidate(aci)
+        for listener in self.write_listeners:
+            listener(aci)
 
     async def get_by_aci(self, aci: uuid.UUID) -> Account | None:
         if self.ttl <= 0:
@@ -89,49 +96,49 @@ class CachedAccountStore:
         try:
             await self.inner.create_or_replace(account, primary, keys, reclaimed)
         finally:
-            self.invalidate(account.aci)
+            self._written(account.aci)
 
     async def update_account(self, account: Account) -> None:
         try:
             await self.inner.update_account(account)
         finally:
-            self.invalidate(account.aci)
+            self._written(account.aci)
 
     async def update_device(self, aci: uuid.UUID, device: Device) -> None:
         try:
             await self.inner.update_device(aci, device)
         finally:
-            self.invalidate(aci)
+            self._written(aci)
 
     async def touch_device(self, aci: uuid.UUID, device_id: int, last_seen: int) -> None:
         try:
             await self.inner.touch_device(aci, device_id, last_seen)
         finally:
-            self.invalidate(aci)
+            self._written(aci)
 
     async def freeze_credentials(self, aci: uuid.UUID) -> None:
         try:
             await self.inner.freeze_credentials(aci)
         finally:
-            self.invalidate(aci)
+            self._written(aci)
 
     async def delete_account(self, aci: uuid.UUID) -> None:
         try:
             await self.inner.delete_account(aci)
         finally:
-            self.invalidate(aci)
+            self._written(aci)
 
     async def add_device(self, aci: uuid.UUID, device: Device, keys: list[DeviceKeys], max_devices: int) -> int | None:
         try:
             return await self.inner.add_device(aci, device, keys, max_devices)
         finally:
-            self.invalidate(aci)
+            self._written(aci)
 
     async def remove_device(self, aci: uuid.UUID, device_id: int) -> bool:
         try:
             return await self.inner.remove_device(aci, device_id)
         finally:
-            self.invalidate(aci)
+            self._written(aci)
 
     async def use_link_token(self, token_hash: str, expires_at: int) -> bool:
         return await self.inner.use_link_token(token_hash, expires_at)
