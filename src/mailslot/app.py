@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from mailslot import __version__
-from mailslot.api import accounts, certificates, devices, keys, messages, misc, registration
+from mailslot.api import accounts, certificates, devices, groups, keys, messages, misc, registration
 from mailslot.api.errors import install_error_handlers
 from mailslot.api.fast import TunnelFastPath
 from mailslot.config import Settings
@@ -49,6 +49,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app.include_router(messages.router)
     app.include_router(devices.router)
     app.include_router(certificates.router)
+    app.include_router(groups.router)
     app.include_router(misc.router)
     install_provisioning(app)
     hooks = DeliveryHooks(app)

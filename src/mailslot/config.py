@@ -124,6 +124,11 @@ class DeliverySettings(BaseModel):
     at_rest_current: int = 0
 
 
+class GroupSettings(BaseModel):
+    # Members plus pending invitations a group may hold (GROUPS.md).
+    max_members: int = Field(default=1000, ge=1, le=100_000)
+
+
 class LoggingSettings(BaseModel):
     level: str = "INFO"
     access_log: bool = True
@@ -140,6 +145,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     websocket: WebSocketSettings = Field(default_factory=WebSocketSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    groups: GroupSettings = Field(default_factory=GroupSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     model_config = SettingsConfigDict(

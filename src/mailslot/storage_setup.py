@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 
 from mailslot.backends.sql.accounts import SqlAccountStore
 from mailslot.backends.sql.database import Database
+from mailslot.backends.sql.groups import SqlGroupStore
 from mailslot.backends.sql.keys import SqlKeyStore
 from mailslot.backends.sql.messages import SqlMessageStore
 from mailslot.backends.sql.migrations import migrate
 from mailslot.backends.sql.sessions import SqlRefreshTokenStore, SqlVerificationSessionStore
 from mailslot.config import StorageSettings
+from mailslot.stores.groups import GroupStore
 from mailslot.stores.interfaces import (
     AccountStore,
     KeyStore,
@@ -34,6 +36,8 @@ class Storage:
     refresh_tokens: RefreshTokenStore
     keys: KeyStore
     messages: MessageStore
+    # Group states and logs (GROUPS.md); None only while a storage layout has no group store yet.
+    groups: GroupStore | None = None
     # name → purge(now): expired rows the retention job deletes
     purges: dict[str, Purge] = field(default_factory=dict)
     # name → ping(): raises when that database cannot be reached
@@ -63,6 +67,7 @@ async def open_single(settings: StorageSettings, run_migrations: bool) -> Storag
         refresh_tokens=refresh,
         keys=SqlKeyStore(db),
         messages=messages,
+        groups=SqlGroupStore(db),
         purges={
             "verification_sessions": sessions.delete_expired,
             "refresh_tokens": refresh.delete_expired,

@@ -7,9 +7,11 @@ import ipaddress
 import os
 import secrets
 from pathlib import Path
+from typing import TypeVar
 
 from mailslot.backends.memory.account_cache import CachedAccountStore
 from mailslot.backends.memory.ratelimit import MemoryRateLimitBackend
+from mailslot.backends.memory.replay import MemoryReplayCache
 from mailslot.backends.redis.cluster import open_cluster
 from mailslot.config import DeliverySettings, Settings
 from mailslot.crypto.atrest import AtRestKeyring, keyring_from_config
@@ -20,12 +22,15 @@ from mailslot.services.container import Services
 from mailslot.services.credentials import Authenticator, TokenService
 from mailslot.services.delivery import DeliveryService
 from mailslot.services.devices import DeviceService, ProvisioningRegistry
+from mailslot.services.groups import GroupService
 from mailslot.services.keys import KeyService
 from mailslot.services.presence import LocalPresence
 from mailslot.services.ratelimit import RateLimiters
 from mailslot.services.sms import build_sender
 from mailslot.services.verification import VerificationService
 from mailslot.storage_setup import open_storage
+
+T = TypeVar("T")
 
 
 def _secret_file(data_dir: Path, name: str, nbytes: int = 32) -> bytes:
@@ -47,6 +52,12 @@ def load_keyring(settings: DeliverySettings, data_dir: Path) -> AtRestKeyring:
         return keyring_from_config(settings.at_rest_keys, settings.at_rest_current or None)
     key = _secret_file(data_dir, "at_rest.key")
     return AtRestKeyring({1: key}, 1)
+
+
+def _require(store: T | None, name: str) -> T:
+    if store is None:
+        raise RuntimeError(f"the configured storage has no {name} store")
+    return store
 
 
 def parse_networks(entries: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -102,6 +113,11 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
             account_store, accounts, limiters, link_secret, cluster.link_waits if cluster else None
         ),
         provisioning=cluster.provisioning if cluster else ProvisioningRegistry(),
+        groups=GroupService(
+            _require(storage.groups, "groups"),
+            cluster.replay if cluster else MemoryReplayCache(),
+            settings.groups.max_members,
+        ),
         trusted_proxies=parse_networks(settings.server.trusted_proxies),
         trust_root=base64.b64encode(sealed.trust_root).decode(),
     )

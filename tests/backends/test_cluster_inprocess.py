@@ -373,3 +373,20 @@ def test_the_sweep_rereads_queues_even_without_a_wake_up(
             row = NewMessage(uuid.UUID(bob.aci), 1, guid, sealed, int(time.time()) + 3600)
             call(one, store.apply, [row], [], [])
             assert device.envelopes(1)[0].content == b"swept"
+
+
+def test_a_group_request_replayed_on_another_node_is_refused(nodes: list[TestClient]) -> None:
+    from mailslot.client import groups as g
+    from tests.api.group_support import Group
+
+    one, two = nodes
+    group = Group(one)
+    group.create()
+    _, headers = g.signed(group.admin, group.gid, "GET", group.path())
+    assert one.get(group.path(), headers=headers).status_code == 200
+    replay = two.get(group.path(), headers=headers)
+    assert replay.status_code == 401 and "already used" in replay.json()["message"]
+    # An admin action on one node is in force on the other at the next request.
+    assert group.patch(group.admin, g.remove_member(group.member.public)).status_code == 200
+    _, member_headers = g.signed(group.member, group.gid, "GET", group.path())
+    assert two.get(group.path(), headers=member_headers).status_code == 403

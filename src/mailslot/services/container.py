@@ -12,6 +12,7 @@ from mailslot.services.certificates import CertificateService
 from mailslot.services.credentials import Authenticator, TokenService
 from mailslot.services.delivery import DeliveryService
 from mailslot.services.devices import DeviceService, ProvisioningRegistry
+from mailslot.services.groups import GroupService
 from mailslot.services.keys import KeyService
 from mailslot.services.ratelimit import RateLimiters
 from mailslot.services.retention import RetentionJob
@@ -31,6 +32,7 @@ class Services:
     delivery: DeliveryService
     devices: DeviceService
     provisioning: ProvisioningRegistry
+    groups: GroupService
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     readiness_checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)

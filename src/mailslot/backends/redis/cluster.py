@@ -14,6 +14,7 @@ from mailslot.backends.redis.bus import RedisBus, connect
 from mailslot.backends.redis.devices import ClusterProvisioning, RedisLinkWaits
 from mailslot.backends.redis.presence import ClusterPresence
 from mailslot.backends.redis.ratelimit import RedisRateLimitBackend
+from mailslot.backends.redis.replay import RedisReplayCache
 from mailslot.config import ClusterSettings
 
 log = logging.getLogger("mailslot.cluster")
@@ -27,6 +28,7 @@ class Cluster:
     provisioning: ClusterProvisioning
     link_waits: RedisLinkWaits
     rate_limits: RedisRateLimitBackend
+    replay: RedisReplayCache
 
     def share_account_cache(self, cache: CachedAccountStore) -> None:
         """Writes on one node drop the account from every node's cache (not only after its 1 s TTL)."""
@@ -57,4 +59,5 @@ async def open_cluster(settings: ClusterSettings) -> Cluster:
         provisioning=ClusterProvisioning(bus),
         link_waits=RedisLinkWaits(bus),
         rate_limits=RedisRateLimitBackend(bus.client, settings.key_prefix),
+        replay=RedisReplayCache(bus.client, settings.key_prefix),
     )

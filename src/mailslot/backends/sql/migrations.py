@@ -12,6 +12,7 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from mailslot.backends.sql import social_tables as social
 from mailslot.backends.sql import tables as t
 
 Step = Callable[[sa.Connection], None]
@@ -41,6 +42,12 @@ MIGRATIONS: list[tuple[int, str, Step]] = [
     (2, "one-time EC and KEM pre-keys", _create(t.one_time_ec_keys, t.one_time_kem_keys)),
     (3, "message queues and shared multi-recipient payloads", _create(t.messages, t.shared_payloads)),
     (4, "used device-link tokens", _create(t.used_link_tokens)),
+    # 5 and 6 are taken by sharding and media; numbers need not be contiguous, only ordered.
+    (
+        7,
+        "groups, group change logs, block keys and block tokens",
+        _create(social.groups, social.group_changes, social.account_block_keys, social.account_blocks),
+    ),
 ]
 
 
