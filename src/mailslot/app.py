@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from mailslot import __version__
-from mailslot.api import accounts, certificates, devices, groups, keys, messages, misc, registration
+from mailslot.api import accounts, blocks, certificates, devices, groups, keys, messages, misc, registration
 from mailslot.api.errors import install_error_handlers
 from mailslot.api.fast import TunnelFastPath
 from mailslot.config import Settings
@@ -45,6 +45,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(registration.router)
     app.include_router(accounts.router)
+    app.include_router(blocks.router)
     app.include_router(keys.router)
     app.include_router(messages.router)
     app.include_router(devices.router)

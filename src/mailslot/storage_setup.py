@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from mailslot.backends.sql.accounts import SqlAccountStore
+from mailslot.backends.sql.blocks import SqlBlockStore
 from mailslot.backends.sql.database import Database
 from mailslot.backends.sql.groups import SqlGroupStore
 from mailslot.backends.sql.keys import SqlKeyStore
@@ -17,6 +18,7 @@ from mailslot.backends.sql.messages import SqlMessageStore
 from mailslot.backends.sql.migrations import migrate
 from mailslot.backends.sql.sessions import SqlRefreshTokenStore, SqlVerificationSessionStore
 from mailslot.config import StorageSettings
+from mailslot.services.blocks import BlockStore
 from mailslot.stores.groups import GroupStore
 from mailslot.stores.interfaces import (
     AccountStore,
@@ -38,6 +40,7 @@ class Storage:
     messages: MessageStore
     # Group states and logs (GROUPS.md); None only while a storage layout has no group store yet.
     groups: GroupStore | None = None
+    blocks: BlockStore | None = None
     # name → purge(now): expired rows the retention job deletes
     purges: dict[str, Purge] = field(default_factory=dict)
     # name → ping(): raises when that database cannot be reached
@@ -68,6 +71,7 @@ async def open_single(settings: StorageSettings, run_migrations: bool) -> Storag
         keys=SqlKeyStore(db),
         messages=messages,
         groups=SqlGroupStore(db),
+        blocks=SqlBlockStore(db),
         purges={
             "verification_sessions": sessions.delete_expired,
             "refresh_tokens": refresh.delete_expired,

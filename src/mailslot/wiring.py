@@ -17,6 +17,7 @@ from mailslot.config import DeliverySettings, Settings
 from mailslot.crypto.atrest import AtRestKeyring, keyring_from_config
 from mailslot.sealed_sender_setup import load_keys
 from mailslot.services.accounts import AccountService
+from mailslot.services.blocks import BlockService
 from mailslot.services.certificates import CertificateService
 from mailslot.services.container import Services
 from mailslot.services.credentials import Authenticator, TokenService
@@ -76,7 +77,7 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
     verification = VerificationService(storage.sessions, sender, limiters, settings.registration)
     account_store = CachedAccountStore(storage.accounts, settings.storage.account_cache_seconds)
     if cluster is not None:
-        cluster.share_account_cache(account_store)
+        cluster.share_cache("accounts", account_store)
     accounts = AccountService(account_store, verification, limiters)
     try:
         sealed = load_keys(settings.sealed_sender, data_dir)
@@ -99,6 +100,10 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
         cluster.presence if cluster else LocalPresence(),
     )
     accounts.disconnect_listeners.append(delivery.disconnect)
+    blocks = BlockService(_require(storage.blocks, "blocks"), delivery.keyring, settings.storage.account_cache_seconds)
+    delivery.blocks = blocks
+    if cluster is not None:
+        cluster.share_cache_awaited("blocks", blocks)
     services = Services(
         settings=settings,
         limiters=limiters,
@@ -113,6 +118,7 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
             account_store, accounts, limiters, link_secret, cluster.link_waits if cluster else None
         ),
         provisioning=cluster.provisioning if cluster else ProvisioningRegistry(),
+        blocks=blocks,
         groups=GroupService(
             _require(storage.groups, "groups"),
             cluster.replay if cluster else MemoryReplayCache(),

@@ -390,3 +390,16 @@ def test_a_group_request_replayed_on_another_node_is_refused(nodes: list[TestCli
     assert group.patch(group.admin, g.remove_member(group.member.public)).status_code == 200
     _, member_headers = g.signed(group.member, group.gid, "GET", group.path())
     assert two.get(group.path(), headers=member_headers).status_code == 403
+
+
+def test_a_block_on_one_node_is_in_force_on_the_other_at_once(nodes: list[TestClient]) -> None:
+    one, two = nodes
+    alice, bob = register(one, "+15555550001"), register(one, "+15555550002")
+    assert send(two, bob, alice, message(b"warm the cache")).status_code == 200
+    assert one.put(f"/v1/accounts/blocks/{bob.aci}", headers=alice.auth).status_code == 204
+    assert send(two, bob, alice, message(b"dropped")).status_code == 200
+    assert one.delete(f"/v1/accounts/blocks/{bob.aci}", headers=alice.auth).status_code == 204
+    assert send(two, bob, alice, message(b"delivered")).status_code == 200
+    with one.websocket_connect(SOCKET, headers=alice.auth) as ws:
+        contents = [e.content for e in Device(ws).envelopes(2)]
+    assert contents == [b"warm the cache", b"delivered"]

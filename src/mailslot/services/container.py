@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from mailslot.config import Settings
 from mailslot.services.accounts import AccountService
+from mailslot.services.blocks import BlockService
 from mailslot.services.certificates import CertificateService
 from mailslot.services.credentials import Authenticator, TokenService
 from mailslot.services.delivery import DeliveryService
@@ -33,6 +34,7 @@ class Services:
     devices: DeviceService
     provisioning: ProvisioningRegistry
     groups: GroupService
+    blocks: BlockService
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     readiness_checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)

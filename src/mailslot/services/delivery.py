@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from mailslot.config import DeliverySettings
 from mailslot.crypto.atrest import AtRestError, AtRestKeyring
@@ -163,6 +163,10 @@ class GroupCommit:
                 start += count
 
 
+class BlockChecker(Protocol):
+    async def is_blocked(self, recipient: uuid.UUID, sender_aci: uuid.UUID, sender_pni: uuid.UUID | None) -> bool: ...
+
+
 class DeliveryService:
     def __init__(
         self,
@@ -179,6 +183,8 @@ class DeliveryService:
         self.keyring = keyring
         self.settings = settings
         self.presence = presence
+        # Set by the composition root: identified sends from blocked senders are dropped silently.
+        self.blocks: BlockChecker | None = None
         self.writer = GroupCommit(messages)
         self._ephemeral_ids = -1
 
@@ -254,6 +260,11 @@ class DeliveryService:
         if sender is not None and not is_sync and not story:
             await self.limiters.check("messages", f"{sender.aci}__{target.aci}")
         await self.limiters.check("inboundMessageBytes", str(target.aci), total_bytes)
+        needs_sync = sender is not None and not is_sync and not story and len(sender.account.devices) > 1
+        if (sender is not None and not is_sync and not story and self.blocks is not None
+                and await self.blocks.is_blocked(target.aci, sender.aci, sender.account.pni)):
+            # Answered as usual, delivered to nobody: the sender cannot tell a block from an offline peer.
+            return {"needsSync": needs_sync}
 
         now = _now_ms()
         timestamp = request.timestamp or now
@@ -283,7 +294,6 @@ class DeliveryService:
                 envelope.source_device = sender.device_id
             outgoing.append(((target.aci, device_id), Outgoing(0, guid, b"", story), envelope.SerializeToString()))
         await self._enqueue(outgoing, request.online)
-        needs_sync = sender is not None and not is_sync and not story and len(sender.account.devices) > 1
         return {"needsSync": needs_sync}
 
     async def _enqueue(self, items: list[tuple[DeviceKey, Outgoing, bytes]], ephemeral: bool) -> None:

@@ -7,9 +7,12 @@ import os
 import secrets
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from mailslot.backends.memory.account_cache import CachedAccountStore
+from redis.exceptions import RedisError
+
 from mailslot.backends.redis.bus import RedisBus, connect
 from mailslot.backends.redis.devices import ClusterProvisioning, RedisLinkWaits
 from mailslot.backends.redis.presence import ClusterPresence
@@ -18,6 +21,20 @@ from mailslot.backends.redis.replay import RedisReplayCache
 from mailslot.config import ClusterSettings
 
 log = logging.getLogger("mailslot.cluster")
+
+
+class SharedCache(Protocol):
+    write_listeners: list[Callable[[uuid.UUID], None]]
+
+    def invalidate(self, aci: uuid.UUID) -> None: ...
+
+
+class AwaitedCache(Protocol):
+    """A cache whose writers wait until the other nodes have been told (block lists)."""
+
+    publishers: list[Callable[[uuid.UUID], Awaitable[None]]]
+
+    def invalidate(self, aci: uuid.UUID) -> None: ...
 
 
 @dataclass
@@ -30,9 +47,10 @@ class Cluster:
     rate_limits: RedisRateLimitBackend
     replay: RedisReplayCache
 
-    def share_account_cache(self, cache: CachedAccountStore) -> None:
-        """Writes on one node drop the account from every node's cache (not only after its 1 s TTL)."""
-        channel = self.bus.channel("accounts")
+    def share_cache(self, name: str, cache: SharedCache) -> None:
+        """Writes through ``cache`` on one node drop the entry from that cache on every node at once
+        (not only after its TTL): account records, block lists."""
+        channel = self.bus.channel("invalidate", name)
 
         def on_message(data: bytes) -> None:
             if len(data) == 16:
@@ -40,6 +58,24 @@ class Cluster:
 
         self.bus.subscribe(channel, on_message)
         cache.write_listeners.append(lambda aci: self.bus.publish_later(channel, aci.bytes))
+
+    def share_cache_awaited(self, name: str, cache: AwaitedCache) -> None:
+        """As :meth:`share_cache`, but the write waits for the publish, so that the next request on
+        any node sees the change."""
+        channel = self.bus.channel("invalidate", name)
+
+        def on_message(data: bytes) -> None:
+            if len(data) == 16:
+                cache.invalidate(uuid.UUID(bytes=data))
+
+        async def publish(aci: uuid.UUID) -> None:
+            try:
+                await self.bus.publish(channel, aci.bytes)
+            except (RedisError, OSError, TimeoutError):
+                log.warning("Redis unavailable: other nodes see this change after their cache expires")
+
+        self.bus.subscribe(channel, on_message)
+        cache.publishers.append(publish)
 
     async def close(self) -> None:
         await self.presence.close()
