@@ -28,6 +28,10 @@ class FakeStore:
             await self.gate.wait()
         return snapshot
 
+    async def get_many_by_aci(self, acis: list[uuid.UUID]) -> dict[uuid.UUID, Account]:
+        self.reads += 1
+        return {aci: self.accounts[aci].copy() for aci in acis if aci in self.accounts}
+
     async def update_account(self, value: Account) -> None:
         self.accounts[value.aci] = value.copy()
 
@@ -122,3 +126,21 @@ async def test_a_read_overtaken_by_a_write_is_not_cached() -> None:
     inner.gate = None
     fresh = await cache.get_by_aci(aci)
     assert fresh is not None and fresh.discoverable_by_phone_number is False
+
+
+async def test_many_at_once_reads_only_the_misses_in_one_batch_and_leaves_unknown_ones_out() -> None:
+    inner, clock = FakeStore(), Clock()
+    known = [uuid.uuid4() for _ in range(3)]
+    for aci in known:
+        inner.accounts[aci] = account(aci)
+    cache = CachedAccountStore(inner, ttl_seconds=1.0, clock=clock)  # type: ignore[arg-type]
+    await cache.get_by_aci(known[0])
+    unknown = uuid.uuid4()
+    found = await cache.get_many_by_aci([*known, unknown])
+    assert set(found) == set(known) and inner.reads == 2  # one single read, one batch for the two misses
+    found[known[1]].number = "+15555559999"
+    assert (await cache.get_many_by_aci(known))[known[1]].number == "+15555550001"  # copies, from memory
+    assert inner.reads == 2
+    clock.now += 2
+    await cache.get_many_by_aci(known)
+    assert inner.reads == 3

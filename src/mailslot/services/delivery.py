@@ -326,13 +326,11 @@ class DeliveryService:
         if not story and access_key is None:
             raise unauthorized()
         targets: list[tuple[Any, Account]] = []
+        if any(r.is_pni for r in recipients) and not story:
+            raise unauthorized()
+        by_aci = await self.accounts.get_many_by_aci([r.uuid for r in recipients if not r.is_pni])
         for recipient in recipients:
-            if recipient.is_pni and not story:
-                raise unauthorized()
-            account = (
-                await self.accounts.get_by_pni(recipient.uuid) if recipient.is_pni
-                else await self.accounts.get_by_aci(recipient.uuid)
-            )
+            account = await self.accounts.get_by_pni(recipient.uuid) if recipient.is_pni else by_aci.get(recipient.uuid)
             if account is None:
                 if story:
                     continue

@@ -23,6 +23,10 @@ from mailslot.stores.models import (
 class AccountStore(Protocol):
     async def get_by_aci(self, aci: uuid.UUID) -> Account | None: ...
 
+    async def get_many_by_aci(self, acis: list[uuid.UUID]) -> dict[uuid.UUID, Account]:
+        """The accounts that exist among ``acis``, by ACI (unknown ones are left out)."""
+        ...
+
     async def get_by_number(self, number: str) -> Account | None: ...
 
     async def get_by_pni(self, pni: uuid.UUID) -> Account | None: ...
@@ -91,11 +95,14 @@ class VerificationSessionStore(Protocol):
 class RefreshTokenStore(Protocol):
     async def insert(self, token: RefreshToken) -> None: ...
 
-    async def mark_used(self, token_id: str) -> RefreshToken | None:
-        """Atomically mark a token used; returns it as it was before, or None if unknown."""
+    async def mark_used(self, aci: uuid.UUID, token_id: str) -> RefreshToken | None:
+        """Atomically mark the account's token used; returns it as it was before, or None if unknown.
+
+        The account id (the refresh JWT's ``sub``) comes along so that sharded storage finds the token
+        on the account's shard."""
         ...
 
-    async def revoke_family(self, family_id: str) -> None: ...
+    async def revoke_family(self, aci: uuid.UUID, family_id: str) -> None: ...
 
 
 class RateLimitBackend(Protocol):

@@ -80,6 +80,30 @@ class CachedAccountStore:
             self._by_aci[aci] = (self._clock() + self.ttl, account.copy())
         return account
 
+    async def get_many_by_aci(self, acis: list[uuid.UUID]) -> dict[uuid.UUID, Account]:
+        """Cached ones from memory, the rest in one batch from the store (then cached)."""
+        now = self._clock()
+        found: dict[uuid.UUID, Account] = {}
+        missing: list[uuid.UUID] = []
+        for aci in acis:
+            hit = self._by_aci.get(aci) if self.ttl > 0 else None
+            if hit is not None and hit[0] > now:
+                if hit[1] is not None:
+                    found[aci] = hit[1].copy()
+            else:
+                missing.append(aci)
+        if missing:
+            generation = self._generation
+            loaded = await self.inner.get_many_by_aci(missing)
+            cache = self.ttl > 0 and generation == self._generation
+            if cache and len(self._by_aci) + len(loaded) >= self.max_entries:
+                self._by_aci.clear()
+            for aci, account in loaded.items():
+                found[aci] = account
+                if cache:
+                    self._by_aci[aci] = (self._clock() + self.ttl, account.copy())
+        return found
+
     async def get_by_number(self, number: str) -> Account | None:
         return await self.inner.get_by_number(number)
 

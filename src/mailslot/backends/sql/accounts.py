@@ -75,6 +75,28 @@ def _account_values(account: Account) -> dict[str, Any]:
     }
 
 
+def _account_from_rows(row: Any, device_rows: list[Any]) -> Account:
+    return Account(
+        aci=row.aci,
+        number=row.number,
+        pni=row.pni,
+        aci_identity_key=row.aci_identity_key,
+        pni_identity_key=row.pni_identity_key,
+        unidentified_access_key=row.unidentified_access_key,
+        unrestricted_unidentified_access=row.unrestricted_unidentified_access,
+        discoverable_by_phone_number=row.discoverable_by_phone_number,
+        created_at=row.created_at,
+        registration_lock_hash=row.registration_lock_hash,
+        registration_lock_salt=row.registration_lock_salt,
+        recovery_password_hash=row.recovery_password_hash,
+        recovery_password_salt=row.recovery_password_salt,
+        totp_secret=row.totp_secret,
+        totp_pending_secret=row.totp_pending_secret,
+        totp_backup_codes=json.loads(row.totp_backup_codes or "[]"),
+        devices=[_device_from_row(d) for d in device_rows],
+    )
+
+
 class SqlAccountStore:
     """Implements :class:`mailslot.stores.interfaces.AccountStore`."""
 
@@ -92,25 +114,23 @@ class SqlAccountStore:
         device_rows = await conn.execute(
             sa.select(t.devices).where(t.devices.c.aci == row.aci).order_by(t.devices.c.device_id)
         )
-        return Account(
-            aci=row.aci,
-            number=row.number,
-            pni=row.pni,
-            aci_identity_key=row.aci_identity_key,
-            pni_identity_key=row.pni_identity_key,
-            unidentified_access_key=row.unidentified_access_key,
-            unrestricted_unidentified_access=row.unrestricted_unidentified_access,
-            discoverable_by_phone_number=row.discoverable_by_phone_number,
-            created_at=row.created_at,
-            registration_lock_hash=row.registration_lock_hash,
-            registration_lock_salt=row.registration_lock_salt,
-            recovery_password_hash=row.recovery_password_hash,
-            recovery_password_salt=row.recovery_password_salt,
-            totp_secret=row.totp_secret,
-            totp_pending_secret=row.totp_pending_secret,
-            totp_backup_codes=json.loads(row.totp_backup_codes or "[]"),
-            devices=[_device_from_row(d) for d in device_rows],
-        )
+        return _account_from_rows(row, list(device_rows))
+
+    async def get_many_by_aci(self, acis: list[uuid.UUID]) -> dict[uuid.UUID, Account]:
+        """Many accounts in two queries per chunk (a multi-recipient send to a large group)."""
+        found: dict[uuid.UUID, Account] = {}
+        async with self.db.read() as conn:
+            for start in range(0, len(acis), 500):
+                chunk = acis[start:start + 500]
+                rows = (await conn.execute(sa.select(t.accounts).where(t.accounts.c.aci.in_(chunk)))).all()
+                devices: dict[uuid.UUID, list[Any]] = {}
+                for device in await conn.execute(
+                    sa.select(t.devices).where(t.devices.c.aci.in_(chunk)).order_by(t.devices.c.device_id)
+                ):
+                    devices.setdefault(device.aci, []).append(device)
+                for row in rows:
+                    found[row.aci] = _account_from_rows(row, devices.get(row.aci, []))
+        return found
 
     async def get_by_aci(self, aci: uuid.UUID) -> Account | None:
         async with self.db.read() as conn:
@@ -269,6 +289,36 @@ class SqlAccountStore:
         async with self.db.write() as conn:
             result = await conn.execute(t.used_link_tokens.delete().where(t.used_link_tokens.c.expires_at < now))
             return int(result.rowcount or 0)
+
+    # The directory of sharded storage (see ``tables.account_directory``); unused with one database.
+
+    async def put_directory(self, entries: dict[str, uuid.UUID]) -> None:
+        """Point each lookup key at its account (insert or overwrite)."""
+        if not entries:
+            return
+        table = t.account_directory
+        async with self.db.write() as conn:
+            insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+            statement = insert(table)
+            upsert = statement.on_conflict_do_update(
+                index_elements=[table.c.lookup_key], set_={"aci": statement.excluded.aci}
+            )
+            await conn.execute(
+                upsert,
+                [{"lookup_key": key, "aci": aci} for key, aci in entries.items()],
+            )
+
+    async def lookup_directory(self, key: str) -> uuid.UUID | None:
+        table = t.account_directory
+        async with self.db.read() as conn:
+            value = await conn.scalar(sa.select(table.c.aci).where(table.c.lookup_key == key))
+        return uuid.UUID(str(value)) if value is not None else None
+
+    async def delete_directory(self, keys: list[str], aci: uuid.UUID) -> None:
+        """Remove the keys that still point at ``aci`` (a key re-pointed at another account stays)."""
+        table = t.account_directory
+        async with self.db.write() as conn:
+            await conn.execute(table.delete().where(table.c.lookup_key.in_(keys), table.c.aci == aci))
 
     async def get_device_keys(self, aci: uuid.UUID, device_id: int) -> list[DeviceKeys]:
         async with self.db.read() as conn:
