@@ -274,7 +274,13 @@ class CuttableProxy:
         self.thread.start()
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
+        self.flowing = self._run(self._event())
         self.port = self._run(self._listen(0))
+
+    async def _event(self) -> asyncio.Event:
+        event = asyncio.Event()
+        event.set()
+        return event
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
@@ -290,6 +296,7 @@ class CuttableProxy:
         async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    await self.flowing.wait()  # frozen: bytes stop, the connections stay open
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):
@@ -301,6 +308,7 @@ class CuttableProxy:
 
     async def _cut(self) -> None:
         assert self.server is not None
+        self.flowing.set()
         self.server.close()
         for writer in list(self.writers):
             writer.transport.abort()
@@ -311,6 +319,12 @@ class CuttableProxy:
 
     def restore(self) -> None:
         self._run(self._listen(self.port))
+
+    def freeze(self) -> None:
+        self.loop.call_soon_threadsafe(self.flowing.clear)
+
+    def thaw(self) -> None:
+        self.loop.call_soon_threadsafe(self.flowing.set)
 
     def close(self) -> None:
         self._run(self._cut())
@@ -403,3 +417,32 @@ def test_a_block_on_one_node_is_in_force_on_the_other_at_once(nodes: list[TestCl
     with one.websocket_connect(SOCKET, headers=alice.auth) as ws:
         contents = [e.content for e in Device(ws).envelopes(2)]
     assert contents == [b"warm the cache", b"delivered"]
+
+
+def test_a_silent_redis_connection_is_noticed_and_replaced(
+    tmp_path: Path, request: pytest.FixtureRequest, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A half-open connection (no reset, no bytes) looks quiet forever unless the bus pings; it must
+    be declared lost, reported by /health/ready, and replaced once Redis answers again."""
+    from mailslot.backends.redis import bus as bus_module
+
+    monkeypatch.setattr(bus_module, "PING_SECONDS", 0.2)
+    proxy = CuttableProxy()
+    try:
+        proxied = {"redis_url": f"redis://127.0.0.1:{proxy.port}/0", "key_prefix": prefix, "sweep_seconds": 0}
+        with TestClient(create_app(make_settings("postgres", tmp_path, request, cluster=proxied))) as node:
+            assert node.get("/health/ready").status_code == 200
+            bus = services(node).delivery.presence.bus  # type: ignore[attr-defined]
+            proxy.freeze()
+            deadline = time.monotonic() + 10
+            while bus.healthy and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not bus.healthy  # the subscriber noticed by itself, without any request
+            assert node.get("/health/ready").json()["checks"]["redis"] == "unavailable"
+            proxy.thaw()
+            deadline = time.monotonic() + 10
+            while node.get("/health/ready").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert node.get("/health/ready").status_code == 200
+    finally:
+        proxy.close()

@@ -25,6 +25,8 @@ Handler = Callable[[bytes], None]
 SUBSCRIBE_WAIT_SECONDS = 2.0
 RETRY_SECONDS = (0.1, 0.25, 0.5, 1.0, 2.0)
 PUBLISH_BATCH = 512
+PING_SECONDS = 5.0
+ALIVE = "mailslot-alive"
 
 
 class RedisBus:
@@ -137,10 +139,7 @@ class RedisBus:
                     for callback in self.on_reconnect:
                         callback()
                 control = asyncio.create_task(self._send_control(pubsub))
-                while True:
-                    message = await pubsub.get_message(timeout=None)
-                    if message is not None:
-                        self._dispatch(message)
+                await self._listen(pubsub)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
@@ -157,6 +156,26 @@ class RedisBus:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(RETRY_SECONDS[min(attempt, len(RETRY_SECONDS) - 1)])
             attempt += 1
+
+    async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
+        """Read messages; a ping of our own every few seconds proves the connection is alive (a
+        half-open TCP connection would otherwise look like a quiet one for hours)."""
+        loop = asyncio.get_running_loop()
+        last_pong = next_ping = loop.time()
+        while True:
+            now = loop.time()
+            if now >= next_ping:
+                await pubsub.ping(ALIVE)
+                next_ping = now + PING_SECONDS
+            if now - last_pong > 3 * PING_SECONDS:
+                raise ConnectionError("no answer from Redis on the subscriber connection")
+            message = await pubsub.get_message(timeout=PING_SECONDS)
+            if message is None:
+                continue
+            if message.get("type") == "pong":
+                last_pong = loop.time()
+                continue
+            self._dispatch(message)
 
     def _drain_control(self) -> None:
         """Pending (un)subscribe requests are covered by the full resubscription that follows."""
