@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from mailslot.client import groups as g
 from tests.api.foundation_support import call, custom_client
@@ -533,3 +536,48 @@ def test_group_tables_hold_no_account_id_number_or_plaintext_attribute(client: T
                    b"Secret Book Club", b"Even More Secret", b"Tuesdays"):
         assert needle not in raw, needle
     assert len(raw) > 1000  # the scan saw the rows
+
+
+# -- bad input never breaks anything --------------------------------------------------------------------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+_action_types = st.sampled_from(sorted(["addPendingMember", "removeMember", "modifyMemberRole", "acceptInvite",
+                                        "modifyTitle", "modifyAvatar", "modifyInviteLinkPassword", "nonsense"]))
+
+
+@hyp_settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    revision=st.one_of(st.integers(-3, 5), st.text(max_size=3), st.none()),
+    actions=st.lists(st.fixed_dictionaries({"type": _action_types}, optional={
+        "publicKey": st.one_of(st.text(max_size=50), st.binary(min_size=32, max_size=32).map(
+            lambda b: base64.b64encode(b).decode())),
+        "role": st.sampled_from(["ADMIN", "MEMBER", "OWNER", ""]),
+        "title": _json_values, "avatar": _json_values, "password": _json_values,
+        "encryptedMember": _json_values,
+    }), max_size=4) | _json_values,
+)
+def test_signed_garbage_changes_get_4xx_json_and_change_nothing(group: Group, revision: Any, actions: Any) -> None:
+    before = group.state()
+    response = group.send(group.member, "PATCH", document={"revision": revision, "actions": actions})
+    if response.status_code == 200:  # a well-formed change a member may make is fine; anything else is not
+        group.revision = response.json()["revision"]
+        return
+    assert 400 <= response.status_code < 500, response.text
+    assert "code" in response.json()
+    after = group.state()
+    assert after == before
+
+
+@hyp_settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=200), body=st.binary(max_size=300))
+def test_garbage_group_auth_headers_and_bodies_get_4xx(group: Group, header: str, body: bytes) -> None:
+    for method in ("GET", "PATCH", "PUT", "POST"):
+        suffix = "/join" if method == "POST" else ""
+        response = group.client.request(method, group.path(suffix), content=body,
+                                        headers={"Group-Auth": header.strip() or "x"})
+        assert 400 <= response.status_code < 500, response.text
+    assert group.state()["revision"] == group.revision
