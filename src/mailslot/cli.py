@@ -76,12 +76,18 @@ async def _serve(settings: Settings) -> None:
 
 
 async def _migrate(settings: Settings) -> None:
-    db = Database.from_settings(settings.storage)
-    try:
-        applied = await migrate(db.engine)
-    finally:
-        await db.close()
-    print(json.dumps({"applied": applied}))
+    """Every configured database: the one at ``url``, or each shard of ``urls``."""
+    from mailslot.backends.sharding.stores import shard_settings
+
+    targets = [shard_settings(settings.storage, url) for url in settings.storage.urls] or [settings.storage]
+    applied: list[list[int]] = []
+    for target in targets:
+        db = Database.from_settings(target)
+        try:
+            applied.append(await migrate(db.engine))
+        finally:
+            await db.close()
+    print(json.dumps({"applied": applied[0]} if len(applied) == 1 else {"applied": applied}))
 
 
 def _run(coro: object) -> None:
@@ -109,6 +115,12 @@ def _certificate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _shards(settings: Settings, args: argparse.Namespace) -> None:
+    from mailslot.backends.sharding.rebalance import rebalance
+
+    await rebalance(settings.storage, dry_run=args.dry_run, out=lambda line: print(line, flush=True))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mailslot", description="Mailslot messaging server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     server_cert = cert_sub.add_parser("create-server", help="generate a server key and certificate")
     server_cert.add_argument("--root-key", required=True, help="base64 32-byte trust-root private key")
     server_cert.add_argument("--key-id", required=True, type=int, help="the new server key's id")
+    shards = sub.add_parser("shards", help="sharded storage ([storage] urls)")
+    shards_sub = shards.add_subparsers(dest="shards_command", required=True)
+    reb = shards_sub.add_parser(
+        "rebalance", help="move rows to the shards the ring now assigns (stop every node first)"
+    )
+    reb.add_argument("--config", help="TOML configuration file")
+    reb.add_argument("--dry-run", action="store_true", help="only count what would move")
     args = parser.parse_args(argv)
 
     if args.command == "certificate":
@@ -144,4 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run(_serve(settings))
     elif args.command == "migrate":
         _run(_migrate(settings))
+    elif args.command == "shards":
+        if not settings.storage.urls:
+            print("mailslot: [storage] urls is empty: there are no shards", file=sys.stderr)
+            return 2
+        _run(_shards(settings, args))
     return 0

@@ -30,7 +30,7 @@ async def test_expired_sessions_and_refresh_tokens_are_purged(settings: Settings
 
         assert deleted["verification_sessions"] == 1 and deleted["refresh_tokens"] == 1
         assert await sessions.get("old") is None and await sessions.get("live") is not None
-        assert await tokens.mark_used("spent-old") is None
-        assert await tokens.mark_used("fresh") is not None
+        assert await tokens.mark_used(aci, "spent-old") is None
+        assert await tokens.mark_used(aci, "fresh") is not None
     finally:
         await services.close()

@@ -137,12 +137,16 @@ class TokenService:
             )
         except jwt.PyJWTError as exc:
             raise AuthenticationFailed("invalid refresh token") from exc
-        stored = await self._refresh_store.mark_used(str(claims["jti"]))
+        try:
+            subject = uuid.UUID(str(claims["sub"]))
+        except ValueError as exc:
+            raise AuthenticationFailed("invalid refresh token") from exc
+        stored = await self._refresh_store.mark_used(subject, str(claims["jti"]))
         if stored is None:
             raise AuthenticationFailed("unknown refresh token")
         if stored.used:
             # A spent token came back: someone holds a copy. End the whole family.
-            await self._refresh_store.revoke_family(stored.family_id)
+            await self._refresh_store.revoke_family(subject, stored.family_id)
             raise AuthenticationFailed("refresh token reused")
         account = await accounts.get_by_aci(stored.aci)
         device = account.device(stored.device_id) if account else None

@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from mailslot.backends.sql import tables as t
 from mailslot.backends.sql.database import Database
@@ -20,11 +21,32 @@ _SELECT = (
 )
 
 
-_INSERT = _m.insert().returning(_m.c.id, sort_by_parameter_order=True)
+# Inserts are idempotent: a row whose GUID is already queued (a retried group commit, a shard that had
+# committed before another failed) is skipped and the queued row's id is returned instead.
+_INSERT = postgresql.insert(_m).on_conflict_do_nothing(index_elements=[_m.c.guid]).returning(_m.c.id, _m.c.guid)
+_INSERT_SHARED = postgresql.insert(_s).on_conflict_do_nothing(index_elements=[_s.c.id])
+
+
+class GuidConflict(Exception):
+    """A GUID is already queued for another device: not a retry of the same message."""
 
 
 def _stored(row: Any) -> StoredMessage:
     return StoredMessage(row.id, row.guid, row.envelope, row.expires_at, row.shared_id, row.data, row.recipient_part)
+
+
+def _existing_ids(messages: list[NewMessage], missing: list[uuid.UUID], rows: Any) -> dict[uuid.UUID, int]:
+    """Ids of the rows already queued under the GUIDs in ``missing``, checked to be the same queue's."""
+    owners = {m.guid: (m.aci, m.device_id) for m in messages}
+    found: dict[uuid.UUID, int] = {}
+    for row in rows:
+        if owners.get(row.guid) != (row.aci, row.device_id):
+            raise GuidConflict(str(row.guid))
+        found[row.guid] = int(row.id)
+    absent = set(missing) - found.keys()
+    if absent:  # a row skipped for a conflict on another unique column
+        raise GuidConflict(str(next(iter(absent))))
+    return found
 
 
 class SqlMessageStore:
@@ -40,7 +62,7 @@ class SqlMessageStore:
         async with self.db.write() as conn:
             if shared:
                 await conn.execute(
-                    _s.insert(), [{"id": p.id, "data": p.data, "expires_at": p.expires_at} for p in shared]
+                    _INSERT_SHARED, [{"id": p.id, "data": p.data, "expires_at": p.expires_at} for p in shared]
                 )
             ids: list[int] = []
             if messages:
@@ -49,9 +71,17 @@ class SqlMessageStore:
                      "expires_at": m.expires_at, "shared_id": m.shared_id, "recipient_part": m.recipient_part}
                     for m in messages
                 ]
-                # executemany with RETURNING: one cached statement whatever the batch size, ids in order.
+                # executemany with RETURNING: one cached statement whatever the batch size. Skipped rows
+                # return nothing, so ids are matched by GUID.
                 result = await conn.execute(_INSERT, rows)
-                ids = [int(row.id) for row in result]
+                by_guid = {row.guid: int(row.id) for row in result}
+                missing = [m.guid for m in messages if m.guid not in by_guid]
+                if missing:
+                    existing = await conn.execute(
+                        sa.select(_m.c.id, _m.c.guid, _m.c.aci, _m.c.device_id).where(_m.c.guid.in_(missing))
+                    )
+                    by_guid.update(_existing_ids(messages, missing, existing))
+                ids = [by_guid[m.guid] for m in messages]
             if deletes:
                 await conn.execute(_m.delete().where(_m.c.id.in_([message_id for _, _, message_id in deletes])))
             return ids
@@ -67,16 +97,23 @@ class SqlMessageStore:
         async with self.db.inline_sqlite() as conn:
             if shared:
                 conn.executemany(
-                    "INSERT INTO shared_payloads (id, data, expires_at) VALUES (?, ?, ?)",
+                    "INSERT INTO shared_payloads (id, data, expires_at) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING",
                     [(p.id.hex, p.data, p.expires_at) for p in shared],
                 )
             for m in messages:
                 row = conn.execute(
                     "INSERT INTO messages (aci, device_id, guid, envelope, expires_at, shared_id, recipient_part)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (guid) DO NOTHING RETURNING id",
                     (m.aci.hex, m.device_id, m.guid.hex, m.envelope, m.expires_at,
                      m.shared_id.hex if m.shared_id else None, m.recipient_part),
                 ).fetchone()
+                if row is None:  # already queued: a retry
+                    row = conn.execute(
+                        "SELECT id FROM messages WHERE guid = ? AND aci = ? AND device_id = ?",
+                        (m.guid.hex, m.aci.hex, m.device_id),
+                    ).fetchone()
+                    if row is None:
+                        raise GuidConflict(str(m.guid))
                 ids.append(int(row[0]))
             for start in range(0, len(deletes), 500):
                 chunk = [message_id for _, _, message_id in deletes[start : start + 500]]

@@ -42,6 +42,9 @@ MIGRATIONS: list[tuple[int, str, Step]] = [
     (2, "one-time EC and KEM pre-keys", _create(t.one_time_ec_keys, t.one_time_kem_keys)),
     (3, "message queues and shared multi-recipient payloads", _create(t.messages, t.shared_payloads)),
     (4, "used device-link tokens", _create(t.used_link_tokens)),
+    # The directory of sharded storage (number/PNI → account). Message inserts are idempotent on
+    # ``guid``, which has been UNIQUE since step 3: that index already covers (aci, device_id, guid).
+    (5, "account directory for sharded storage", _create(t.account_directory)),
     # 5 and 6 are taken by sharding and media; numbers need not be contiguous, only ordered.
     (
         7,

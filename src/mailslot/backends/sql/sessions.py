@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import asdict
 from typing import Any
 
@@ -70,14 +71,13 @@ class SqlRefreshTokenStore:
         async with self.db.write() as conn:
             await conn.execute(t.refresh_tokens.insert().values(**asdict(token)))
 
-    async def mark_used(self, token_id: str) -> RefreshToken | None:
+    async def mark_used(self, aci: uuid.UUID, token_id: str) -> RefreshToken | None:
         table = t.refresh_tokens
+        mine = (table.c.token_id == token_id, table.c.aci == aci)
         async with self.db.write() as conn:
             # The conditional update is the atomic step: of two concurrent uses only one sees rowcount 1.
-            claimed = await conn.execute(
-                table.update().where(table.c.token_id == token_id, table.c.used.is_(False)).values(used=True)
-            )
-            row = (await conn.execute(sa.select(table).where(table.c.token_id == token_id))).first()
+            claimed = await conn.execute(table.update().where(*mine, table.c.used.is_(False)).values(used=True))
+            row = (await conn.execute(sa.select(table).where(*mine))).first()
             if row is None:
                 return None
             return RefreshToken(
@@ -89,9 +89,10 @@ class SqlRefreshTokenStore:
                 used=claimed.rowcount != 1,
             )
 
-    async def revoke_family(self, family_id: str) -> None:
+    async def revoke_family(self, aci: uuid.UUID, family_id: str) -> None:
+        table = t.refresh_tokens
         async with self.db.write() as conn:
-            await conn.execute(t.refresh_tokens.delete().where(t.refresh_tokens.c.family_id == family_id))
+            await conn.execute(table.delete().where(table.c.family_id == family_id, table.c.aci == aci))
 
     async def delete_expired(self, now: int) -> int:
         """Drop refresh tokens past their expiry (spent or not)."""

@@ -168,6 +168,16 @@ used_link_tokens = sa.Table(
     sa.Column("expires_at", sa.BigInteger, nullable=False, index=True),
 )
 
+account_directory = sa.Table(
+    "account_directory",
+    metadata,
+    # Sharded storage only: lookups not keyed by the account id. ``lookup_key`` is ``number:<e164>`` or
+    # ``pni:<uuid>``; the row lives on the shard of that key and names the account, which lives on the
+    # shard of its ``aci``. A row whose account no longer has that number or PNI is stale and ignored.
+    sa.Column("lookup_key", sa.String(80), primary_key=True),
+    sa.Column("aci", sa.Uuid, nullable=False),
+)
+
 # Tables holding rows keyed by an account, in delete order (children first).
 ACCOUNT_TABLES: tuple[sa.Table, ...] = (
     messages,
@@ -188,3 +198,4 @@ DEVICE_TABLES: tuple[sa.Table, ...] = (
     signed_keys,
     devices,
 )
+

@@ -1,0 +1,1 @@
+"""Storage spread over several databases (``[storage] urls``) by a consistent-hash ring."""
