@@ -9,8 +9,11 @@ from fastapi import FastAPI
 
 from mailslot import __version__
 from mailslot.api import accounts, blocks, certificates, devices, groups, keys, messages, misc, registration
+from mailslot.api.attachments import router as attachments_router
+from mailslot.api.attachments import streams_body
 from mailslot.api.errors import install_error_handlers
 from mailslot.api.fast import TunnelFastPath
+from mailslot.api.profiles import router as profiles_router
 from mailslot.config import Settings
 from mailslot.observability.middleware import ObservabilityMiddleware
 from mailslot.services.container import Services
@@ -52,6 +55,8 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app.include_router(certificates.router)
     app.include_router(groups.router)
     app.include_router(misc.router)
+    app.include_router(profiles_router)
+    app.include_router(attachments_router)
     install_provisioning(app)
     hooks = DeliveryHooks(app)
     install_websocket(
@@ -62,5 +67,6 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         max_body_bytes=settings.server.max_body_bytes,
         hsts_max_age=settings.tls.hsts_max_age if settings.tls.enabled else None,
         access_log_on=settings.logging.access_log,
+        streamed=streams_body,
     )
     return app

@@ -134,6 +134,35 @@ class LoggingSettings(BaseModel):
     access_log: bool = True
 
 
+class MediaSettings(BaseModel):
+    """``[media]``: where attachments and avatars live, their limits and how long they are kept."""
+
+    backend: Literal["local", "s3"] = "local"
+    # local: the directory of the blob store; empty means ``<data_dir>/blobs``.
+    directory: str = ""
+    # s3: any S3-compatible store. Credentials empty: boto3's usual chain (environment, profile, role).
+    s3_endpoint: str = ""
+    s3_bucket: str = ""
+    s3_region: str = "us-east-1"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_part_bytes: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+    # Base URL of the tus endpoint in upload forms; empty: ``[server] public_url``, else the request's own.
+    upload_url: str = ""
+    max_attachment_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
+    # HS256 secret of upload tokens (never the session secret); empty: generated into data_dir.
+    upload_secret: str = ""
+    upload_token_seconds: int = Field(default=86400, ge=60)
+    upload_expiry_seconds: int = Field(default=86400, ge=60)  # unfinished uploads are dropped after this
+    attachment_expiry_days: float = Field(default=30.0, gt=0)
+    avatar_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    avatar_form_seconds: int = Field(default=1800, ge=60)
+    # Signing key of avatar POST policies on the built-in store (the S3 backend signs with its own);
+    # empty: generated into data_dir.
+    avatar_access_key: str = "mailslot"
+    avatar_secret_key: str = ""
+
+
 class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
@@ -147,6 +176,7 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     groups: GroupSettings = Field(default_factory=GroupSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    media: MediaSettings = Field(default_factory=MediaSettings)
 
     model_config = SettingsConfigDict(
         env_prefix="MAILSLOT_", env_nested_delimiter="__", extra="ignore", case_sensitive=False

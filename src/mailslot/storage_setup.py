@@ -16,6 +16,7 @@ from mailslot.backends.sql.groups import SqlGroupStore
 from mailslot.backends.sql.keys import SqlKeyStore
 from mailslot.backends.sql.messages import SqlMessageStore
 from mailslot.backends.sql.migrations import migrate
+from mailslot.backends.sql.profiles import SqlProfileStore
 from mailslot.backends.sql.sessions import SqlRefreshTokenStore, SqlVerificationSessionStore
 from mailslot.config import StorageSettings
 from mailslot.services.blocks import BlockStore
@@ -27,6 +28,7 @@ from mailslot.stores.interfaces import (
     RefreshTokenStore,
     VerificationSessionStore,
 )
+from mailslot.stores.profiles import ProfileStore
 
 Purge = Callable[[int], Awaitable[int]]
 
@@ -41,6 +43,7 @@ class Storage:
     # Group states and logs (GROUPS.md); None only while a storage layout has no group store yet.
     groups: GroupStore | None = None
     blocks: BlockStore | None = None
+    profiles: ProfileStore | None = None
     # name → purge(now): expired rows the retention job deletes
     purges: dict[str, Purge] = field(default_factory=dict)
     # name → ping(): raises when that database cannot be reached
@@ -72,6 +75,7 @@ async def open_single(settings: StorageSettings, run_migrations: bool) -> Storag
         messages=messages,
         groups=SqlGroupStore(db),
         blocks=SqlBlockStore(db),
+        profiles=SqlProfileStore(db),
         purges={
             "verification_sessions": sessions.delete_expired,
             "refresh_tokens": refresh.delete_expired,

@@ -30,6 +30,7 @@ from mailslot.services.ratelimit import RateLimiters
 from mailslot.services.sms import build_sender
 from mailslot.services.verification import VerificationService
 from mailslot.storage_setup import open_storage
+from mailslot.wiring_media import add_media
 
 T = TypeVar("T")
 
@@ -127,6 +128,7 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
         trusted_proxies=parse_networks(settings.server.trusted_proxies),
         trust_root=base64.b64encode(sealed.trust_root).decode(),
     )
+    add_media(services, storage, settings, data_dir, _secret_file)
     services.retention.purges.update(storage.purges)
     services.readiness_checks.update(storage.pings)
     services.closers.append(storage.close)

@@ -1,5 +1,5 @@
-"""Groups and block lists on sharded storage: each group on the shard of its id, each block list on the
-blocking account's shard, and both behave exactly as on one database."""
+"""Groups, block lists and profiles on sharded storage: each group on the shard of its id, block lists and
+profiles on their account's shard, and all behave exactly as on one database."""
 
 from __future__ import annotations
 
@@ -55,3 +55,22 @@ def test_block_lists_live_on_the_blockers_shard(sharded_client: tuple[TestClient
     assert [asyncio.run(rows_on(url, account_blocks)) for url in urls] == [
         1 if index == home else 0 for index in range(len(urls))
     ]
+
+
+def test_profiles_live_on_the_owners_shard(sharded_client: tuple[TestClient, list[str]]) -> None:
+    from mailslot.backends.sql.tables import profile_current, profile_versions
+    from tests.api.test_profiles import profile_body
+
+    client, urls = sharded_client
+    ring = HashRing(len(urls))
+    owners = [register(client, f"+155555500{10 + i}") for i in range(6)]
+    for owner in owners:
+        body = profile_body()
+        assert client.put("/v1/profile", json=body, headers=owner.auth).status_code == 200
+        read = client.get(f"/v1/profile/{owner.aci}/{body['version']}", headers=owners[0].auth)
+        assert read.status_code == 200 and read.json()["name"] == body["name"]
+    expected = [0] * len(urls)
+    for owner in owners:
+        expected[ring.shard_for(uuid.UUID(owner.aci))] += 1
+    assert [asyncio.run(rows_on(url, profile_current)) for url in urls] == expected
+    assert [asyncio.run(rows_on(url, profile_versions)) for url in urls] == expected

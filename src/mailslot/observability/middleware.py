@@ -6,6 +6,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -18,11 +19,14 @@ access_log = logging.getLogger("mailslot.access")
 
 
 class ObservabilityMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, hsts_max_age: int | None, access_log_on: bool) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, hsts_max_age: int | None, access_log_on: bool,
+                 streamed: Callable[[Scope], bool] | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.hsts = f"max-age={hsts_max_age}; includeSubDomains".encode() if hsts_max_age else None
         self.access_log_on = access_log_on
+        # Routes that stream their bodies and enforce their own limits (tus uploads, avatar forms).
+        self.streamed = streamed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -35,7 +39,8 @@ class ObservabilityMiddleware:
         started = time.perf_counter()
         status_holder = [500]
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_body_bytes:
+        cap = None if self.streamed is not None and self.streamed(scope) else self.max_body_bytes
+        if cap is not None and declared is not None and declared > cap:
             await _too_large(send)
             status_holder[0] = 413
             self._record(scope, 413, started, tunnelled)
@@ -49,7 +54,7 @@ class ObservabilityMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if cap is not None and received > cap:
                     raise _BodyTooLarge
             return message
 

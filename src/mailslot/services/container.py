@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from mailslot.config import Settings
 from mailslot.services.accounts import AccountService
+from mailslot.services.attachments import AttachmentService
 from mailslot.services.blocks import BlockService
 from mailslot.services.certificates import CertificateService
 from mailslot.services.credentials import Authenticator, TokenService
@@ -15,6 +16,7 @@ from mailslot.services.delivery import DeliveryService
 from mailslot.services.devices import DeviceService, ProvisioningRegistry
 from mailslot.services.groups import GroupService
 from mailslot.services.keys import KeyService
+from mailslot.services.profiles import ProfileService
 from mailslot.services.ratelimit import RateLimiters
 from mailslot.services.retention import RetentionJob
 from mailslot.services.verification import VerificationService
@@ -40,6 +42,9 @@ class Services:
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     trust_root: str | None = None
     retention: RetentionJob = field(default_factory=RetentionJob)
+    # Media (digest §8, §9); None when the configured storage offers no profile store.
+    attachments: AttachmentService | None = None
+    profiles: ProfileService | None = None
 
     async def close(self) -> None:
         await self.retention.stop()

@@ -36,6 +36,7 @@ from mailslot.backends.sql.groups import SqlGroupStore
 from mailslot.backends.sql.keys import SqlKeyStore
 from mailslot.backends.sql.messages import SqlMessageStore
 from mailslot.backends.sql.migrations import migrate
+from mailslot.backends.sql.profiles import SqlProfileStore
 from mailslot.backends.sql.sessions import SqlRefreshTokenStore, SqlVerificationSessionStore
 from mailslot.config import StorageSettings
 from mailslot.storage_setup import Storage
@@ -53,6 +54,7 @@ from mailslot.stores.models import (
     StoredMessage,
     VerificationSession,
 )
+from mailslot.stores.profiles import CurrentProfile, VersionedProfile
 
 log = logging.getLogger("mailslot.sharding")
 
@@ -374,6 +376,30 @@ class ShardedGroupStore:
         return await self._for(group_id).changes(group_id, from_revision, limit)
 
 
+class ShardedProfileStore:
+    """Profiles (every version and the current one) on the account's shard."""
+
+    def __init__(self, ring: HashRing, shards: Sequence[SqlProfileStore]) -> None:
+        self.ring = ring
+        self.shards = list(shards)
+
+    def _for(self, aci: uuid.UUID) -> SqlProfileStore:
+        return self.shards[self.ring.shard_for(aci)]
+
+    async def get(self, aci: uuid.UUID, version: str) -> VersionedProfile | None:
+        return await self._for(aci).get(aci, version)
+
+    async def current(self, aci: uuid.UUID) -> CurrentProfile | None:
+        return await self._for(aci).current(aci)
+
+    async def save(self, aci: uuid.UUID, profile: VersionedProfile, badge_ids: list[str]) -> None:
+        await self._for(aci).save(aci, profile, badge_ids)
+
+    async def avatars_in_use(self, keys: list[str]) -> set[str]:
+        found = await asyncio.gather(*(shard.avatars_in_use(keys) for shard in self.shards))
+        return set().union(*found)
+
+
 class ShardedBlockStore:
     """Block keys and tokens on the blocking account's shard."""
 
@@ -430,6 +456,7 @@ async def open_sharded(settings: StorageSettings, run_migrations: bool) -> Stora
         messages=messages,
         groups=ShardedGroupStore(ring, [SqlGroupStore(db) for db in dbs]),
         blocks=ShardedBlockStore(ring, [SqlBlockStore(db) for db in dbs]),
+        profiles=ShardedProfileStore(ring, [SqlProfileStore(db) for db in dbs]),
         purges={
             "verification_sessions": sessions.delete_expired,
             "refresh_tokens": refresh.delete_expired,

@@ -45,6 +45,7 @@ MIGRATIONS: list[tuple[int, str, Step]] = [
     # The directory of sharded storage (number/PNI → account). Message inserts are idempotent on
     # ``guid``, which has been UNIQUE since step 3: that index already covers (aci, device_id, guid).
     (5, "account directory for sharded storage", _create(t.account_directory)),
+    (6, "profile versions and current profiles", _create(t.profile_versions, t.profile_current)),
     # 5 and 6 are taken by sharding and media; numbers need not be contiguous, only ordered.
     (
         7,

@@ -199,3 +199,28 @@ DEVICE_TABLES: tuple[sa.Table, ...] = (
     devices,
 )
 
+# Profiles (digest §8), migration 6. Every byte column is client-side ciphertext.
+profile_versions = sa.Table(
+    "profile_versions",
+    metadata,
+    sa.Column("aci", sa.Uuid, primary_key=True),
+    sa.Column("version", sa.String(64), primary_key=True),
+    sa.Column("commitment", sa.LargeBinary, nullable=False),
+    sa.Column("name", sa.LargeBinary, nullable=True),
+    sa.Column("about", sa.LargeBinary, nullable=True),
+    sa.Column("about_emoji", sa.LargeBinary, nullable=True),
+    sa.Column("payment_address", sa.LargeBinary, nullable=True),
+    sa.Column("phone_number_sharing", sa.LargeBinary, nullable=True),
+    sa.Column("avatar", sa.String(80), nullable=True, index=True),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+)
+
+profile_current = sa.Table(
+    "profile_current",
+    metadata,
+    # The account's current profile version and its visible badges (JSON list of ids, in order).
+    sa.Column("aci", sa.Uuid, primary_key=True),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("badge_ids", sa.Text, nullable=False, default="[]"),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+)
