@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,11 @@ def add_media(services: Services, storage: Storage, settings: Settings, data_dir
     services.attachments = attachments
     services.retention.purges["attachment_uploads"] = attachments.purge_uploads
     services.retention.purges["attachments"] = attachments.purge_attachments
+    groups = services.groups
+    groups.avatars = attachments
+    services.retention.purges["group_avatars"] = functools.partial(
+        attachments.purge_group_avatars, in_use=groups.store.avatars_in_use
+    )
     if storage.profiles is None:
         return
     if media.backend == "s3" and media.s3_access_key:

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from mailslot.api.auth import PRINCIPAL_KEY, ServicesDep
 from mailslot.api.errors import ApiError
+from mailslot.api.media_common import attachment_service, base_url
 from mailslot.services.groups import SignedRequest
 
 router = APIRouter(tags=["groups"])
@@ -82,6 +83,17 @@ async def change_group(group_id: str, request: Request, svc: ServicesDep) -> JSO
     signed = await _signed(request, group_id)
     change = _json(signed.body)
     return JSONResponse(await svc.groups.patch(signed, change))
+
+
+@router.get("/v1/groups/{group_id}/avatar/form", responses={**_ERRORS, 429: {}})
+async def group_avatar_form(group_id: str, request: Request, svc: ServicesDep) -> JSONResponse:
+    """An upload form for the group's encrypted avatar, authorised by Group-Auth: an account-authorised
+    attachment form would tie the uploader's account to the group."""
+    signed = await _signed(request, group_id)
+    await svc.groups.authorize_attribute_change(signed)
+    service = attachment_service(svc)
+    return JSONResponse(await service.group_avatar_form(signed.group_id,
+                                                        base_url(request, service.settings.upload_url)))
 
 
 @router.post("/v1/groups/{group_id}/join", openapi_extra=_JSON_BODY, responses={**_ERRORS, 409: {}})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,9 @@ from mailslot.services.upload_tokens import UploadGrant, UploadTokens
 from mailslot.stores.blobs import BlobInfo, BlobStore, OffsetMismatch, UploadTooLong, valid_key
 
 AREA = "attachments/"
+# Group avatars are uploaded like attachments but kept until their group replaces them (then deleted)
+# rather than for attachment_expiry_days; one that no group names is purged after upload_expiry_seconds.
+GROUP_AVATAR_PREFIX = "g-"
 TUS_VERSION = "1.0.0"
 TUS_EXTENSIONS = "creation,termination,expiration"
 
@@ -74,6 +77,35 @@ class AttachmentService:
             },
             "signedUploadLocation": base_url.rstrip("/") + "/attachments",
         }
+
+    async def group_avatar_form(self, group_id: bytes, base_url: str) -> dict[str, Any]:
+        """The same form, for a group's encrypted avatar: authorised by Group-Auth (the caller checked it),
+        rate-limited per group, never tied to an account."""
+        await self.limiters.check("attachmentCreate", "group:" + group_id.hex())
+        key = GROUP_AVATAR_PREFIX + new_key()
+        token = self.tokens.issue(key, self.settings.avatar_max_bytes)
+        return {
+            "cdn": 3,
+            "key": key,
+            "headers": {
+                "Authorization": f"Bearer {token}",
+                "Upload-Metadata": "filename " + base64.b64encode(key.encode()).decode(),
+            },
+            "signedUploadLocation": base_url.rstrip("/") + "/attachments",
+        }
+
+    async def delete_group_avatar(self, key: str) -> None:
+        if key.startswith(GROUP_AVATAR_PREFIX) and valid_key(AREA + key):
+            await self.blobs.delete(AREA + key)
+
+    async def purge_group_avatars(self, now: int, in_use: Callable[[list[str]], Awaitable[set[str]]]) -> int:
+        cutoff = now - self.settings.upload_expiry_seconds
+        old = [b.key async for b in self.blobs.objects(AREA + GROUP_AVATAR_PREFIX) if b.modified < cutoff]
+        used = await in_use([key.removeprefix(AREA) for key in old]) if old else set()
+        orphans = [key for key in old if key.removeprefix(AREA) not in used]
+        for key in orphans:
+            await self.blobs.delete(key)
+        return len(orphans)
 
     # -- tus ----------------------------------------------------------------------------------
     def authorize(self, authorization: str | None, key: str | None = None) -> UploadGrant:
@@ -160,7 +192,8 @@ class AttachmentService:
 
     async def purge_attachments(self, now: int) -> int:
         cutoff = now - int(self.settings.attachment_expiry_days * 86400)
-        old = [b.key async for b in self.blobs.objects(AREA) if b.modified < cutoff]
+        old = [b.key async for b in self.blobs.objects(AREA)
+               if b.modified < cutoff and not b.key.startswith(AREA + GROUP_AVATAR_PREFIX)]
         for key in old:
             await self.blobs.delete(key)
         return len(old)

@@ -10,7 +10,7 @@ import hmac
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from mailslot.crypto.groupauth import GroupAuth, parse_header
 from mailslot.services.errors import ServiceError
@@ -39,11 +39,17 @@ class SignedRequest:
     header: str | None
 
 
+class AvatarBlobs(Protocol):
+    async def delete_group_avatar(self, key: str) -> None: ...
+
+
 class GroupService:
     def __init__(self, store: GroupStore, replay: ReplayCache, max_members: int = 1000) -> None:
         self.store = store
         self.replay = replay
         self.max_members = max_members
+        # Set by the composition root when media are offered: a replaced group avatar is deleted.
+        self.avatars: AvatarBlobs | None = None
 
     # -- Group-Auth -------------------------------------------------------------------------------
 
@@ -91,7 +97,8 @@ class GroupService:
             raise invalid("pendingMembers.addedBy: must be a member's key")
         if state.size() > self.max_members:
             raise ServiceError(403, "forbidden", f"a group holds at most {self.max_members} members and invitations")
-        if not await self.store.create(request.group_id, self._dump(state), self._record(0, auth, request)):
+        if not await self.store.create(request.group_id, self._dump(state), self._record(0, auth, request),
+                                       state.avatar):
             raise ServiceError(409, "conflict", "a group with this id exists", body={
                 "code": "conflict", "message": "a group with this id exists"})
         return state.to_json()
@@ -134,9 +141,11 @@ class GroupService:
             raise _conflict(state.revision)
         new_state = apply_actions(state, auth.public_key, change.get("actions"), revision, self.max_members)
         if not await self.store.update(request.group_id, state.revision, self._dump(new_state),
-                                       self._record(revision, auth, request)):
+                                       self._record(revision, auth, request), new_state.avatar):
             current = await self.store.get(request.group_id)
             raise _conflict(current[0] if current else state.revision)
+        if state.avatar and state.avatar != new_state.avatar and self.avatars is not None:
+            await self.avatars.delete_group_avatar(state.avatar)
         return new_state.to_json()
 
     async def join(self, request: SignedRequest, body: Any) -> dict[str, Any]:
@@ -167,16 +176,16 @@ class GroupService:
                 raise ServiceError(403, "forbidden", "the group is full")
             new_state.revision = revision
             if await self.store.update(request.group_id, state.revision, self._dump(new_state),
-                                       self._record(revision, auth, request)):
+                                       self._record(revision, auth, request), new_state.avatar):
                 return new_state.to_json()
         raise ServiceError(503, "busy", "the group is changing too fast; try again")
 
-    async def authorize_member(self, request: SignedRequest, needed: str = "MEMBER") -> GroupState:
-        """For side requests (the avatar upload form): a member, with the attributes access if asked."""
+    async def authorize_attribute_change(self, request: SignedRequest) -> GroupState:
+        """For the avatar upload form: a member whom the attributes access lets change the avatar."""
         auth = await self.authenticate(request)
         state = await self._load(request.group_id)
         role = state.role_of(auth.public_key)
-        if role is None or (needed == "ADMIN" and role != "ADMIN"):
+        if role is None or (state.access.attributes == "ADMIN" and role != "ADMIN"):
             raise ServiceError(403, "forbidden", "only members allowed to change the group's attributes may do this")
         return state
 

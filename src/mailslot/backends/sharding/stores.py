@@ -363,14 +363,19 @@ class ShardedGroupStore:
     def _for(self, group_id: bytes) -> SqlGroupStore:
         return self.shards[self.ring.shard_for(group_key(group_id))]
 
-    async def create(self, group_id: bytes, state: str, change: GroupChangeRecord) -> bool:
-        return await self._for(group_id).create(group_id, state, change)
+    async def create(self, group_id: bytes, state: str, change: GroupChangeRecord, avatar: str = "") -> bool:
+        return await self._for(group_id).create(group_id, state, change, avatar)
 
     async def get(self, group_id: bytes) -> tuple[int, str] | None:
         return await self._for(group_id).get(group_id)
 
-    async def update(self, group_id: bytes, expected_revision: int, state: str, change: GroupChangeRecord) -> bool:
-        return await self._for(group_id).update(group_id, expected_revision, state, change)
+    async def update(self, group_id: bytes, expected_revision: int, state: str, change: GroupChangeRecord,
+                     avatar: str = "") -> bool:
+        return await self._for(group_id).update(group_id, expected_revision, state, change, avatar)
+
+    async def avatars_in_use(self, keys: list[str]) -> set[str]:
+        found = await asyncio.gather(*(shard.avatars_in_use(keys) for shard in self.shards))
+        return set().union(*found)
 
     async def changes(self, group_id: bytes, from_revision: int, limit: int) -> list[GroupChangeRecord]:
         return await self._for(group_id).changes(group_id, from_revision, limit)

@@ -24,11 +24,12 @@ class SqlGroupStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def create(self, group_id: bytes, state: str, change: GroupChangeRecord) -> bool:
+    async def create(self, group_id: bytes, state: str, change: GroupChangeRecord, avatar: str = "") -> bool:
         try:
             async with self.db.write() as conn:
                 await conn.execute(groups.insert().values(
-                    group_id=group_id, revision=change.revision, state=state, updated_at=int(time.time())))
+                    group_id=group_id, revision=change.revision, state=state, avatar=avatar or None,
+                    updated_at=int(time.time())))
                 await conn.execute(group_changes.insert().values(**_change_values(group_id, change)))
         except IntegrityError:
             return False
@@ -40,17 +41,25 @@ class SqlGroupStore:
                 sa.select(groups.c.revision, groups.c.state).where(groups.c.group_id == group_id))).first()
         return (int(row.revision), str(row.state)) if row else None
 
-    async def update(self, group_id: bytes, expected_revision: int, state: str, change: GroupChangeRecord) -> bool:
+    async def update(self, group_id: bytes, expected_revision: int, state: str, change: GroupChangeRecord,
+                     avatar: str = "") -> bool:
         async with self.db.write() as conn:
             result = await conn.execute(
                 groups.update()
                 .where(groups.c.group_id == group_id, groups.c.revision == expected_revision)
-                .values(revision=change.revision, state=state, updated_at=int(time.time()))
+                .values(revision=change.revision, state=state, avatar=avatar or None, updated_at=int(time.time()))
             )
             if result.rowcount != 1:
                 return False
             await conn.execute(group_changes.insert().values(**_change_values(group_id, change)))
         return True
+
+    async def avatars_in_use(self, keys: list[str]) -> set[str]:
+        if not keys:
+            return set()
+        async with self.db.read() as conn:
+            rows = await conn.execute(sa.select(groups.c.avatar).where(groups.c.avatar.in_(keys)))
+            return {str(row.avatar) for row in rows}
 
     async def changes(self, group_id: bytes, from_revision: int, limit: int) -> list[GroupChangeRecord]:
         async with self.db.read() as conn:

@@ -17,6 +17,8 @@ groups = sa.Table(
     sa.Column("revision", sa.Integer, nullable=False),
     # The state document (JSON): encrypted attributes, access control, member keys, roles, blobs.
     sa.Column("state", sa.Text, nullable=False),
+    # The avatar's blob key, also inside the state: kept apart so orphaned avatars can be found.
+    sa.Column("avatar", sa.String(128), nullable=True, index=True),
     sa.Column("updated_at", sa.BigInteger, nullable=False),
 )
 
