@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mailslot.api.auth import ServicesDep
-from mailslot.observability.metrics import REGISTRY
+from mailslot.observability.metrics import DEPENDENCY_UP, REGISTRY
 
 router = APIRouter()
 
@@ -54,6 +54,7 @@ async def ready(svc: ServicesDep) -> JSONResponse:
         except Exception:
             checks[name] = "unavailable"
             healthy = False
+        DEPENDENCY_UP.labels(name).set(1 if checks[name] == "ok" else 0)
     return JSONResponse({"status": "ok" if healthy else "unavailable", "checks": checks},
                         status_code=200 if healthy else 503)
 

@@ -21,6 +21,7 @@ from mailslot.config import DeliverySettings
 from mailslot.crypto.atrest import AtRestError, AtRestKeyring
 from mailslot.crypto.multirecipient import MalformedMultiRecipientMessage, MultiRecipientMessage
 from mailslot.crypto.multirecipient import parse as parse_multi_recipient
+from mailslot.observability.metrics import MESSAGES_STORED, observe_delivery
 from mailslot.protocol.envelope_pb2 import Envelope
 from mailslot.services.credentials import Principal
 from mailslot.services.errors import ServiceError, invalid
@@ -155,6 +156,7 @@ class GroupCommit:
                     if not write.done.done():
                         write.done.set_exception(exc)
                 continue
+            MESSAGES_STORED.inc(len(messages))
             start = 0
             for write in batch:
                 count = len(write.messages)
@@ -204,7 +206,7 @@ class DeliveryService:
                 raise AtRestError("shared payload is gone")
             shared = self.keyring.open(row.shared_data, row.shared_id.bytes)
             envelope = _append_content(envelope, MultiRecipientMessage.assemble(row.recipient_part, shared))
-        return Outgoing(row.id, row.guid, envelope, Envelope.FromString(envelope).story)
+        return Outgoing(row.id, row.guid, envelope, Envelope.FromString(envelope).story, queued=True)
 
     # -- sending ------------------------------------------------------------------------------------
 
@@ -454,6 +456,7 @@ class DeliveryService:
     ) -> list[tuple[DeviceKey, Outgoing, bytes]]:
         """Server delivery receipts (type 5) for identified, non-receipt, non-self envelopes (§5.3)."""
         envelope = Envelope.FromString(message.envelope)
+        observe_delivery(envelope.server_timestamp, "queued" if message.queued else "live")
         if envelope.type == RECEIPT_TYPE or not envelope.HasField("source_service_id"):
             return []
         try:

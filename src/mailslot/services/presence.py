@@ -24,6 +24,8 @@ class Outgoing:
     guid: uuid.UUID
     envelope: bytes
     story: bool = False
+    # Read back from the queue (the device was away when it was stored), rather than handed over live.
+    queued: bool = False
 
 
 class DeviceListener(Protocol):
