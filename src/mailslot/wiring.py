@@ -33,6 +33,7 @@ from mailslot.storage_setup import open_storage
 from mailslot.wiring_media import add_media
 
 T = TypeVar("T")
+BLOCK_CACHE_SECONDS = 30.0
 
 
 def _secret_file(data_dir: Path, name: str, nbytes: int = 32) -> bytes:
@@ -101,7 +102,9 @@ async def build_services(settings: Settings, run_migrations: bool = True) -> Ser
         cluster.presence if cluster else LocalPresence(),
     )
     accounts.disconnect_listeners.append(delivery.disconnect)
-    blocks = BlockService(_require(storage.blocks, "blocks"), delivery.keyring, settings.storage.account_cache_seconds)
+    # Every block and unblock clears the cached list (on every node, through the bus in a cluster), so the
+    # lifetime only bounds how long a change made while Redis was unreachable can go unseen elsewhere.
+    blocks = BlockService(_require(storage.blocks, "blocks"), delivery.keyring, BLOCK_CACHE_SECONDS)
     delivery.blocks = blocks
     if cluster is not None:
         cluster.share_cache_awaited("blocks", blocks)

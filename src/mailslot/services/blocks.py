@@ -9,6 +9,7 @@ that writes on this node clear at once and, in a cluster, on every node (the bus
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
@@ -47,6 +48,8 @@ class BlockService:
         self.cache_seconds = cache_seconds
         self._clock = clock
         self._cache: dict[uuid.UUID, tuple[float, bytes | None, frozenset[bytes]]] = {}
+        self._loading: dict[uuid.UUID, asyncio.Future[tuple[float, bytes | None, frozenset[bytes]]]] = {}
+        self._generation = 0
         # Told after each write (cluster mode: every node drops its cached copy before we answer).
         self.publishers: list[Callable[[uuid.UUID], Awaitable[None]]] = []
 
@@ -68,6 +71,8 @@ class BlockService:
 
     def invalidate(self, aci: uuid.UUID) -> None:
         self._cache.pop(aci, None)
+        self._loading.pop(aci, None)  # later sends must not join a read that started before the change
+        self._generation += 1
 
     async def _written(self, aci: uuid.UUID) -> None:
         self.invalidate(aci)
@@ -97,18 +102,43 @@ class BlockService:
         await self._change(principal, target, False)
 
     async def is_blocked(self, recipient: uuid.UUID, sender_aci: uuid.UUID, sender_pni: uuid.UUID | None) -> bool:
-        now = self._clock()
         entry = self._cache.get(recipient)
-        if entry is None or entry[0] <= now:
-            key = await self._key(recipient, create=False)
-            tokens = frozenset(await self.store.tokens(recipient)) if key is not None else frozenset()
-            entry = (now + self.cache_seconds, key, tokens)
-            if len(self._cache) > 100_000:
-                self._cache.clear()
-            self._cache[recipient] = entry
+        if entry is None or entry[0] <= self._clock():
+            entry = await self._load(recipient)
         _, key, tokens = entry
         if key is None or not tokens:
             return False
         if self.token(key, str(sender_aci)) in tokens:
             return True
         return sender_pni is not None and self.token(key, f"PNI:{sender_pni}") in tokens
+
+    async def _load(self, recipient: uuid.UUID) -> tuple[float, bytes | None, frozenset[bytes]]:
+        """One read per recipient at a time: the sends that find the entry expired together share it."""
+        loading = self._loading.get(recipient)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        future: asyncio.Future[tuple[float, bytes | None, frozenset[bytes]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._loading[recipient] = future
+        generation = self._generation
+        try:
+            key = await self._key(recipient, create=False)
+            tokens = frozenset(await self.store.tokens(recipient)) if key is not None else frozenset()
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            if self._loading.get(recipient) is future:
+                del self._loading[recipient]
+        entry = (self._clock() + self.cache_seconds, key, tokens)
+        future.set_result(entry)
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        if generation == self._generation:  # no block or unblock here overtook this read
+            self._cache[recipient] = entry
+        return entry
