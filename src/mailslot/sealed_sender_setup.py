@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from mailslot.config import SealedSenderSettings
 from mailslot.crypto import xeddsa
 from mailslot.crypto.certificates import REVOKED_SERVER_KEY_IDS, ServerCertificate
+from mailslot.secretfiles import create_once
 
 GENERATED_FILE = "sealed_sender.json"
 
@@ -90,14 +90,9 @@ def load_keys(settings: SealedSenderSettings, data_dir: Path) -> SealedSenderKey
 
 def _generated(data_dir: Path) -> dict[str, Any]:
     path = data_dir / GENERATED_FILE
-    if path.exists():
-        loaded: dict[str, Any] = json.loads(path.read_text())
-        return loaded
-    root = create_root()
-    server = create_server(base64.b64decode(root["privateKey"]), 1)
-    content = {"trustRoot": root, "serverKeys": [server]}
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(content, handle, indent=2)
-    return content
+    if not path.exists():
+        root = create_root()
+        server = create_server(base64.b64decode(root["privateKey"]), 1)
+        create_once(path, json.dumps({"trustRoot": root, "serverKeys": [server]}, indent=2).encode())
+    loaded: dict[str, Any] = json.loads(path.read_text())
+    return loaded

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-import os
 import secrets
 from pathlib import Path
 from typing import TypeVar
@@ -16,6 +15,7 @@ from mailslot.backends.redis.cluster import open_cluster
 from mailslot.config import DeliverySettings, Settings
 from mailslot.crypto.atrest import AtRestKeyring, keyring_from_config
 from mailslot.sealed_sender_setup import load_keys
+from mailslot.secretfiles import create_once
 from mailslot.services.accounts import AccountService
 from mailslot.services.blocks import BlockService
 from mailslot.services.certificates import CertificateService
@@ -38,15 +38,8 @@ BLOCK_CACHE_SECONDS = 30.0
 
 def _secret_file(data_dir: Path, name: str, nbytes: int = 32) -> bytes:
     """A secret generated on first start and kept in the data directory (mode 0600)."""
-    path = data_dir / name
-    if path.exists():
-        return bytes.fromhex(path.read_text().strip())
-    data_dir.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_bytes(nbytes)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(value.hex())
-    return value
+    value = create_once(data_dir / name, secrets.token_bytes(nbytes).hex().encode())
+    return bytes.fromhex(value.decode().strip())
 
 
 def load_keyring(settings: DeliverySettings, data_dir: Path) -> AtRestKeyring:
