@@ -23,6 +23,14 @@ the receiver's Unidentified-Access-Key; senders are not registered at all).
     .venv/bin/python bench/delivery.py --mode sealed --pairs 100 --rate 2800
     .venv/bin/python bench/delivery.py --storage-url postgresql://postgres@127.0.0.1:5432/test
     .venv/bin/python bench/delivery.py --json                   # one JSON object on stdout
+    .venv/bin/python bench/delivery.py --storage-url postgresql://postgres@127.0.0.1:5432/test \\
+        --redis-url redis://127.0.0.1:6379/0 --nodes 3          # cluster mode: three server processes
+
+Cluster mode (``--nodes N``, ``--redis-url``): N ``mailslot serve`` processes share the PostgreSQL schema,
+the generated secrets (one data directory) and Redis (a key prefix of their own). The generator is the
+load balancer: pair i's receiver keeps its socket on node i mod N and its sender on node (i + 1) mod N,
+so with N > 1 every message, and every delivery receipt, crosses nodes. ``--nodes 1 --redis-url`` runs
+one node in cluster mode (the baseline for the same code path). Server CPU is summed over the nodes.
 
 The load generator is one asyncio process (uvloop when installed) on the same machine as the server;
 its CPU use is reported next to the server's, since they compete for the same cores. Latency is
@@ -90,7 +98,7 @@ def log(message: str) -> None:
 
 
 def write_config(directory: Path, numbers: int, storage_url: str | None, schema: str | None,
-                 access_log: bool) -> Path:
+                 access_log: bool, redis_url: str | None = None, key_prefix: str | None = None) -> Path:
     url = storage_url or f"sqlite:///{directory}/mailslot.db"
     unlimited = "{ capacity = 1000000, permit_seconds = 0.000001 }"
     test_numbers = "\n".join(f'"{number(i)}" = "{CODE}"' for i in range(numbers))
@@ -105,18 +113,28 @@ def write_config(directory: Path, numbers: int, storage_url: str | None, schema:
         f"messages = {unlimited}\n"
         f"inboundMessageBytes = {unlimited}\n"
         f"verificationSessionPerIp = {unlimited}\n"
+        + (f"[cluster]\nredis_url = \"{redis_url}\"\nkey_prefix = \"{key_prefix}\"\n" if redis_url else "")
     )
     return config
 
 
-def start_server(config: Path, directory: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+def start_server(config: Path, directory: Path, log_name: str = "server.log",
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    return wait_ready(spawn_server(config, directory, log_name, env), directory / log_name)
+
+
+def spawn_server(config: Path, directory: Path, log_name: str = "server.log",
+                 env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     script = Path(sys.executable).with_name("mailslot")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "mailslot"]
-    log_file = (directory / "server.log").open("w")
-    proc = subprocess.Popen(  # noqa: S603 - our own server binary and a config we wrote
-        [*command, "serve", "--config", str(config)], cwd=directory,
-        stdout=subprocess.PIPE, stderr=log_file, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    with (directory / log_name).open("w") as log_file:
+        return subprocess.Popen(  # noqa: S603 - our own server binary and a config we wrote
+            [*command, "serve", "--config", str(config)], cwd=directory, stdout=subprocess.PIPE, stderr=log_file,
+            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+
+
+def wait_ready(proc: subprocess.Popen[str], log_path: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     assert proc.stdout is not None
     found: dict[str, Any] = {}
 
@@ -131,7 +149,7 @@ def start_server(config: Path, directory: Path) -> tuple[subprocess.Popen[str], 
     while not found:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise SystemExit(f"the server did not start; see {directory / 'server.log'}")
+            raise SystemExit(f"the server did not start; see {log_path}")
         time.sleep(0.05)
     return proc, found
 
@@ -145,6 +163,41 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def start_nodes(config: Path, directory: Path, nodes: int) -> list[tuple[subprocess.Popen[str], dict[str, Any]]]:
+    """One server, or (cluster mode) node 1 first — it generates the shared secrets into the data
+    directory and applies the migrations — then the others together."""
+    if nodes == 1:
+        return [start_server(config, directory)]
+    started = [start_server(config, directory, "server-1.log", {"MAILSLOT_CLUSTER__NODE_ID": "node-1"})]
+    spawned = [spawn_server(config, directory, f"server-{i}.log", {"MAILSLOT_CLUSTER__NODE_ID": f"node-{i}"})
+               for i in range(2, nodes + 1)]
+    try:
+        for i, proc in enumerate(spawned, start=2):
+            started.append(wait_ready(proc, directory / f"server-{i}.log"))
+    except BaseException:
+        for proc in [p for p, _ in started] + spawned:
+            stop_server(proc)
+        raise
+    return started
+
+
+def node_logs(directory: Path, nodes: int) -> list[Path]:
+    return [directory / "server.log"] if nodes == 1 else [directory / f"server-{i}.log" for i in range(1, nodes + 1)]
+
+
+async def redis_cleanup(url: str, prefix: str) -> None:
+    """Delete this run's keys (rate-limit buckets, tickets) from the shared Redis."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+        for start in range(0, len(keys), 500):
+            await client.delete(*keys[start:start + 500])
+    finally:
+        await client.aclose()
 
 
 async def pg_schema(url: str, create: bool, schema: str) -> None:
@@ -171,16 +224,17 @@ def process_cpu(pid: int, reaped_children: bool = False) -> float:
     return ticks / CLK_TCK
 
 
-def postgres_cpu() -> float | None:
+def postgres_cpu(comm: bytes = b"postgres") -> float | None:
     """Summed CPU of the local ``postgres`` processes (None if none is visible on this machine),
-    including backends that exited meanwhile (they are in the postmaster's reaped-children time)."""
+    including backends that exited meanwhile (they are in the postmaster's reaped-children time).
+    ``comm=b"redis-server"``: the same for Redis."""
     total, seen = 0.0, False
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/comm", "rb") as f:
-                if f.read().strip() != b"postgres":
+                if f.read().strip() != comm:
                     continue
         except OSError:
             continue
@@ -353,6 +407,8 @@ class Pair:
         self.ready = asyncio.Event()        # the receiver's queue/empty arrived
         self.sender_ready = asyncio.Event()
         self.expected_type = kind
+        self.receiver_node = 0  # indices into the nodes' socket URLs (cluster mode: the generator balances)
+        self.sender_node = 0
 
     # -- sending
 
@@ -518,20 +574,21 @@ class Pair:
                 stats.envelope_error("source_device is not 1")
 
 
-async def open_sockets(pairs: list[Pair], ws_url: str, deflate: bool) -> list[asyncio.Task[None]]:
-    """Open every pair's sockets, start their readers, wait for each queue/empty."""
+async def open_sockets(pairs: list[Pair], ws_urls: list[str], deflate: bool) -> list[asyncio.Task[None]]:
+    """Open every pair's sockets (each on its node's URL), start their readers, wait for each queue/empty."""
     options: dict[str, Any] = {"compression": "deflate" if deflate else None, "max_size": 2**20,
                                "ping_interval": None, "open_timeout": 30, "max_queue": None, "proxy": None}
 
     async def one(pair: Pair) -> None:
+        receiver_url, sender_url = ws_urls[pair.receiver_node], ws_urls[pair.sender_node]
         pair.receiver_ws = await connect(
-            ws_url, additional_headers={"Authorization": pair.receiver.authorization}, **options)
+            receiver_url, additional_headers={"Authorization": pair.receiver.authorization}, **options)
         if pair.sealed or pair.sender is None:
-            pair.sender_ws = await connect(ws_url, **options)
+            pair.sender_ws = await connect(sender_url, **options)
             pair.sender_ready.set()
         else:
             pair.sender_ws = await connect(
-                ws_url, additional_headers={"Authorization": pair.sender.authorization}, **options)
+                sender_url, additional_headers={"Authorization": pair.sender.authorization}, **options)
 
     semaphore = asyncio.Semaphore(16)
 
@@ -630,17 +687,19 @@ def percentile(ordered: list[int], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))] / 1e6
 
 
-async def bench(args: argparse.Namespace, base_url: str, server_pid: int) -> dict[str, Any]:
+async def bench(args: argparse.Namespace, base_urls: list[str], server_pids: list[int]) -> dict[str, Any]:
     stats = Stats()
     sealed = args.mode == "sealed"
     setup_started = time.perf_counter()
     limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
-    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits, trust_env=False) as http:
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(
+            httpx.AsyncClient(base_url=url, timeout=60, limits=limits, trust_env=False)) for url in base_urls]
         semaphore = asyncio.Semaphore(16)
 
         async def reg(i: int) -> Account:
-            async with semaphore:
-                return await register(http, number(i))
+            async with semaphore:  # registrations are spread over the nodes too
+                return await register(clients[i % len(clients)], number(i))
 
         receivers = await asyncio.gather(*(reg(i) for i in range(args.pairs)))
         senders: list[Account | None] = (
@@ -651,25 +710,34 @@ async def bench(args: argparse.Namespace, base_url: str, server_pid: int) -> dic
     log(f"registered {registered} accounts in {time.perf_counter() - setup_started:.1f} s")
 
     pairs = [Pair(i, r, s, sealed, stats) for i, (r, s) in enumerate(zip(receivers, senders, strict=True))]
+    nodes = len(base_urls)
+    for pair in pairs:  # with several nodes, every pair's sender and receiver are on different nodes
+        pair.receiver_node, pair.sender_node = pair.index % nodes, (pair.index + 1) % nodes
     if args.rate == 0:
         for pair in pairs:
             pair.slots = asyncio.Semaphore(args.inflight)
 
-    ws_url = base_url.replace("http://", "ws://", 1) + "/v1/websocket/"
-    readers = await open_sockets(pairs, ws_url, args.deflate)
+    ws_urls = [url.replace("http://", "ws://", 1) + "/v1/websocket/" for url in base_urls]
+    readers = await open_sockets(pairs, ws_urls, args.deflate)
     log(f"{len(pairs)} receiver and {len(pairs)} {'anonymous' if sealed else 'authenticated'} sender sockets "
         f"open; warm-up {args.warmup} s, then measuring {args.seconds} s at "
         + (f"{args.rate:g} msg/s offered" if args.rate else f"full speed ({args.inflight} outstanding per sender)"))
 
+    def servers_cpu() -> float:
+        return sum(process_cpu(pid) for pid in server_pids)
+
+    def redis_cpu() -> float | None:
+        return postgres_cpu(b"redis-server") if args.redis_url else None
+
     async def measure() -> dict[str, float]:
         await asyncio.sleep(args.warmup)
-        profiler = await start_profiler(args, server_pid)
-        before = (process_cpu(server_pid), self_cpu(), postgres_cpu(), machine_cpu(), time.monotonic_ns())
+        profiler = await start_profiler(args, server_pids[0])  # node 1 only, in cluster mode
+        before = (servers_cpu(), self_cpu(), postgres_cpu(), machine_cpu(), time.monotonic_ns(), redis_cpu())
         stats.window_start_ns = before[4]
         stats.counting = True
         await asyncio.sleep(args.seconds)
         stats.counting = False
-        after = (process_cpu(server_pid), self_cpu(), postgres_cpu(), machine_cpu(), time.monotonic_ns())
+        after = (servers_cpu(), self_cpu(), postgres_cpu(), machine_cpu(), time.monotonic_ns(), redis_cpu())
         stats.window_end_ns = after[4]
         if profiler is not None:
             await profiler.wait()
@@ -681,6 +749,7 @@ async def bench(args: argparse.Namespace, base_url: str, server_pid: int) -> dic
             "generator_cpu": after[1] - before[1],
             "postgres_cpu": (after[2] - before[2]) if after[2] is not None and before[2] is not None else -1.0,
             "machine_busy": busy,
+            "redis_cpu": (after[5] - before[5]) if after[5] is not None and before[5] is not None else -1.0,
         }
 
     stop_ns = time.monotonic_ns() + int((args.warmup + args.seconds) * 1e9)
@@ -706,7 +775,7 @@ async def bench(args: argparse.Namespace, base_url: str, server_pid: int) -> dic
     if lost or unreceipted:
         log(f"{len(lost)} messages and {len(unreceipted)} receipts missing: reconnecting every socket to see "
             "whether they are still queued")
-        readers = await open_sockets(pairs, ws_url, args.deflate)
+        readers = await open_sockets(pairs, ws_urls, args.deflate)
         await drain(pairs, stats, args.drain, receipts=not sealed)
         await close_sockets(pairs, readers)
         result["total"]["lost_delivered_after_reconnect"] = sum(1 for s in lost if stats.delivered[s])
@@ -778,6 +847,10 @@ def summarize(args: argparse.Namespace, stats: Stats, cpu: dict[str, float], dra
     result: dict[str, Any] = {
         "code": code_version(),
         "storage": "postgresql" if args.storage_url else "sqlite",
+        "nodes": args.nodes,
+        "redis": bool(args.redis_url),
+        # Pair i: receiver on node i mod N, sender on node (i + 1) mod N: with N > 1 every message crosses.
+        "cross_node_share": 1.0 if args.nodes > 1 else 0.0,
         "mode": args.mode,
         "pairs": args.pairs,
         "offered_rate": args.rate or None,
@@ -837,9 +910,13 @@ def summarize(args: argparse.Namespace, stats: Stats, cpu: dict[str, float], dra
                 round(1000 * cpu["postgres_cpu"] / arrivals, 4) if arrivals and cpu["postgres_cpu"] >= 0 else None),
             "generator_seconds": round(cpu["generator_cpu"], 3),
             "generator_cores": round(cpu["generator_cpu"] / wall, 3),
+            "redis_seconds": round(cpu["redis_cpu"], 3) if cpu.get("redis_cpu", -1.0) >= 0 else None,
+            "redis_seconds_per_1000_delivered": (
+                round(1000 * cpu["redis_cpu"] / arrivals, 4) if arrivals and cpu.get("redis_cpu", -1.0) >= 0 else None),
             "machine_busy_share": round(cpu["machine_busy"], 3),
             "other_cores": round(max(0.0, cpu["machine_busy"] * (os.cpu_count() or 1) - (
-                cpu["server_cpu"] + cpu["generator_cpu"] + max(0.0, cpu["postgres_cpu"])) / wall), 2),
+                cpu["server_cpu"] + cpu["generator_cpu"] + max(0.0, cpu["postgres_cpu"])
+                + max(0.0, cpu.get("redis_cpu", -1.0))) / wall), 2),
             "cores": os.cpu_count(),
         },
         "send_lag_max_ms": round(stats.send_lag_max_ns / 1e6, 2) if args.rate else None,
@@ -855,6 +932,12 @@ def table(r: dict[str, Any]) -> str:
     rows: list[tuple[str, Any]] = [
         ("server code", r["code"]),
         ("storage / mode", f"{r['storage']} / {r['mode']}, {r['pairs']} pairs, {load}"),
+    ]
+    if r.get("redis") or r.get("nodes", 1) > 1:
+        share = r["cross_node_share"]
+        rows.append(("nodes", f"{r['nodes']} ({'Redis' if r['redis'] else 'no Redis'}; "
+                              f"{100 * (share or 0):.0f} % of messages cross nodes)"))
+    rows += [
         ("measured window", f"{r['window_seconds']} s"),
         ("sent in window (200)", f"{w['sent']} ({w['sent_200']}), {w['sent_per_second']} msg/s"),
         ("delivered msg/s", w["delivered_per_second"]),
@@ -879,11 +962,14 @@ def table(r: dict[str, Any]) -> str:
                                                  "(delivered after reconnecting)"))
     rows += [
         ("server CPU s / 1,000 msgs", c["server_seconds_per_1000_delivered"]),
-        ("server CPU (cores)", f"{c['server_seconds']} s ({c['server_cores']} of {c['cores']})"),
+        ("server CPU (cores)", f"{c['server_seconds']} s ({c['server_cores']} of {c['cores']})"
+                               + (f", summed over {r['nodes']} nodes" if r.get("nodes", 1) > 1 else "")),
     ]
     if c["postgres_seconds"] is not None and r["storage"] == "postgresql":
         rows.append(("postgres CPU s / 1,000 msgs",
                      f"{c['postgres_seconds_per_1000_delivered']} ({c['postgres_seconds']} s)"))
+    if c.get("redis_seconds") is not None:
+        rows.append(("redis CPU s / 1,000 msgs", f"{c['redis_seconds_per_1000_delivered']} ({c['redis_seconds']} s)"))
     rows += [
         ("generator CPU (cores)", f"{c['generator_seconds']} s ({c['generator_cores']} of {c['cores']})"),
         ("machine busy", f"{c['machine_busy_share'] * 100:.0f} % of {c['cores']} cores "
@@ -941,8 +1027,15 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=50, help="sender/receiver pairs (default 50)")
     parser.add_argument("--inflight", type=int, default=32,
                         help="with --rate 0: outstanding sends per sender socket (default 32)")
-    parser.add_argument("--mode", choices=["identified", "sealed"], default="identified")
+    parser.add_argument("--mode", choices=["identified", "sealed", "group"], default="identified",
+                        help="group: one multi-recipient send to N members, timed to the last arrival "
+                             "(bench/groups.py; --group-sizes, --sends)")
+    parser.add_argument("--group-sizes", default="100,1000", help="group mode: member counts (default 100,1000)")
+    parser.add_argument("--sends", type=int, default=5, help="group mode: measured sends per size (default 5)")
     parser.add_argument("--storage-url", help="a postgresql:// URL instead of the embedded SQLite database")
+    parser.add_argument("--redis-url", help="cluster mode: the nodes share presence and rate limits through this Redis")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="server processes (default 1); more than 1 needs --storage-url and --redis-url")
     parser.add_argument("--deflate", action="store_true", help="negotiate permessage-deflate on the sockets")
     parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                         help="the server's per-request log (default on, as deployed)")
@@ -952,25 +1045,40 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (config, log, db)")
     args = parser.parse_args()
+    if args.mode == "group":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from bench.groups import run_group_bench
+
+        return run_group_bench(args.group_sizes, args.sends, 1, args.storage_url, args.json)
     if not 1 <= args.pairs <= 4999:
         parser.error("--pairs must be 1..4999")
     if args.rate < 0 or args.seconds <= 0 or args.inflight < 1:
         parser.error("--rate must be >= 0, --seconds > 0, --inflight >= 1")
+    if not 1 <= args.nodes <= 16:
+        parser.error("--nodes must be 1..16")
+    if args.nodes > 1 and not (args.storage_url and args.redis_url):
+        parser.error("--nodes above 1 needs --storage-url (PostgreSQL) and --redis-url")
 
     directory = Path(tempfile.mkdtemp(prefix="mailslot-bench-delivery-"))
     schema = None
     if args.storage_url:
         schema = f"mailslot_bench_{secrets.token_hex(4)}"
         asyncio.run(pg_schema(args.storage_url, True, schema))
-    proc = None
+    key_prefix = f"mailslot-bench-{secrets.token_hex(4)}" if args.redis_url else None
+    procs: list[subprocess.Popen[str]] = []
     try:
-        config = write_config(directory, 2 * args.pairs, args.storage_url, schema, args.access_log)
-        proc, ready = start_server(config, directory)
-        base_url = f"http://{ready['host']}:{ready['port']}"
-        log(f"server {base_url} (pid {proc.pid}), storage "
-            f"{'PostgreSQL schema ' + schema if schema else 'SQLite (embedded default)'}")
-        result = run(bench(args, base_url, proc.pid))
-        result["server_log_problems"] = server_log_problems(directory / "server.log")
+        config = write_config(directory, 2 * args.pairs, args.storage_url, schema, args.access_log,
+                              args.redis_url, key_prefix)
+        started = start_nodes(config, directory, args.nodes)
+        procs = [proc for proc, _ in started]
+        base_urls = [f"http://{ready['host']}:{ready['port']}" for _, ready in started]
+        for i, (proc, _) in enumerate(started):
+            log(f"server {base_urls[i]} (pid {proc.pid})")
+        log(f"storage {'PostgreSQL schema ' + schema if schema else 'SQLite (embedded default)'}"
+            + (f", Redis {args.redis_url} prefix {key_prefix}, {args.nodes} node(s)" if args.redis_url else ""))
+        result = run(bench(args, base_urls, [proc.pid for proc in procs]))
+        result["server_log_problems"] = [
+            problem for path in node_logs(directory, args.nodes) for problem in server_log_problems(path)]
         if args.profile:
             result["profile"] = profile_summary(args.profile)
         if args.json:
@@ -982,8 +1090,13 @@ def main() -> int:
             for line in result.get("profile", []):
                 print(line)
     finally:
-        if proc is not None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
             stop_server(proc)
+        if args.redis_url and key_prefix:
+            asyncio.run(redis_cleanup(args.redis_url, key_prefix))
         if schema and args.storage_url:
             asyncio.run(pg_schema(args.storage_url, False, schema))
         if args.keep:

@@ -195,6 +195,30 @@ async def bench(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
     return results
 
 
+def run_group_bench(sizes: str, sends: int, warmup: int, storage_url: str | None, as_json: bool) -> int:
+    directory = Path(tempfile.mkdtemp(prefix="mailslot-bench-groups-"))
+    members = max(int(s) for s in sizes.split(","))
+    proc, ready = start_server(write_config(directory, members, storage_url), directory)
+    args = argparse.Namespace(sizes=sizes, sends=sends, warmup=warmup)
+    try:
+        base_url = f"http://{ready['host']}:{ready['port']}"
+        results = asyncio.run(bench(args, base_url))
+    finally:
+        stop_server(proc)
+        shutil.rmtree(directory, ignore_errors=True)
+    if as_json:
+        print(json.dumps(results))
+        return 0
+    print("| members | sender's 200 ms | first arrival ms | median arrival ms | last arrival ms |")
+    print("|---|---|---|---|---|")
+    for size, r in results.items():
+        print(f"| {size} | {r['accepted_ms']['median']:.1f} | {r['first_ms']['median']:.1f} | "
+              f"{r['median_ms']['median']:.1f} | {r['last_ms']['median']:.1f} (max {r['last_ms']['max']:.1f}) |")
+    print(f"(median of {sends} sends each; one socket per member, all in this process; "
+          f"{os.cpu_count()} cores shared with the server)")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100,1000", help="group sizes, comma-separated (default 100,1000)")
@@ -203,26 +227,7 @@ def main() -> int:
     parser.add_argument("--storage-url", help="a postgresql:// URL (its database is used as is: use a scratch one)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
-    directory = Path(tempfile.mkdtemp(prefix="mailslot-bench-groups-"))
-    members = max(int(s) for s in args.sizes.split(","))
-    proc, ready = start_server(write_config(directory, members, args.storage_url), directory)
-    try:
-        base_url = f"http://{ready['host']}:{ready['port']}"
-        results = asyncio.run(bench(args, base_url))
-    finally:
-        stop_server(proc)
-        shutil.rmtree(directory, ignore_errors=True)
-    if args.json:
-        print(json.dumps(results))
-    else:
-        print("| members | sender's 200 ms | first arrival ms | median arrival ms | last arrival ms |")
-        print("|---|---|---|---|---|")
-        for size, r in results.items():
-            print(f"| {size} | {r['accepted_ms']['median']:.1f} | {r['first_ms']['median']:.1f} | "
-                  f"{r['median_ms']['median']:.1f} | {r['last_ms']['median']:.1f} (max {r['last_ms']['max']:.1f}) |")
-        print(f"(median of {args.sends} sends each; one socket per member, all in this process; "
-              f"{os.cpu_count()} cores shared with the server)")
-    return 0
+    return run_group_bench(args.sizes, args.sends, args.warmup, args.storage_url, args.json)
 
 
 if __name__ == "__main__":
