@@ -34,7 +34,8 @@ def test_adding_a_fourth_shard_moves_about_a_quarter_and_only_to_it() -> None:
 
 
 def test_keys_spread_roughly_evenly() -> None:
-    counts = Counter(HashRing(4).shard_for(i) for i in _ids(10_000))
+    ring = HashRing(4)
+    counts = Counter(ring.shard_for(i) for i in _ids(10_000))
     assert sorted(counts) == [0, 1, 2, 3]
     assert all(1_800 <= n <= 3_200 for n in counts.values()), counts
 
