@@ -446,3 +446,15 @@ def test_a_silent_redis_connection_is_noticed_and_replaced(
             assert node.get("/health/ready").status_code == 200
     finally:
         proxy.close()
+
+
+async def test_the_rate_limit_script_takes_several_buckets_in_one_call(redis_url: str, prefix: str) -> None:
+    backend = RedisRateLimitBackend(client_for(redis_url), prefix)
+    try:
+        assert await backend.take_many([("a", 2, 60, 1), ("b", 1, 60, 1)]) is None
+        refused = await backend.take_many([("a", 2, 60, 1), ("b", 1, 60, 1)])
+        assert refused is not None and refused[0] == 1 and 0 < refused[1] <= 60
+        assert await backend.take("a", 2, 60, 1) is not None  # "a" gave its second permit before "b" refused
+        assert await backend.take_many([("c", 1, 0, 1), ("c", 1, 0, 1)]) is None  # no refill time: always full
+    finally:
+        await backend.client.aclose()

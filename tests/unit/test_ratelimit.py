@@ -245,3 +245,32 @@ def test_forwarded_for_is_ignored_from_untrusted_peers(tmp_path: Path, request: 
     with TestClient(create_app(settings)) as client:  # peer "testclient"
         assert _head_status(client, "198.51.100.1").status_code == 404
         assert _head_status(client, "198.51.100.2").status_code == 429  # a new header does not buy a new bucket
+
+
+async def test_check_many_takes_in_order_and_names_the_first_refusal() -> None:
+    from mailslot.backends.memory.ratelimit import MemoryRateLimitBackend
+    from mailslot.config import RateLimitSettings
+    from mailslot.services.ratelimit import RateLimiters, RateLimitExceeded
+
+    limiters = RateLimiters(MemoryRateLimitBackend(), {"messages": RateLimitSettings(capacity=2, permit_seconds=60),
+                                                       "profile": RateLimitSettings(capacity=1, permit_seconds=60)})
+    await limiters.check_many([("messages", "a", 1), ("profile", "a", 1)])
+    try:
+        await limiters.check_many([("messages", "a", 1), ("profile", "a", 1)])
+    except RateLimitExceeded as exc:
+        assert exc.limiter == "profile" and exc.retry_after is not None
+    else:
+        raise AssertionError("the second profile permit must be refused")
+    # The first bucket gave before the second refused (as two checks in a row would have).
+    try:
+        await limiters.check("messages", "a")
+    except RateLimitExceeded as exc:
+        assert exc.limiter == "messages"
+    else:
+        raise AssertionError("messages must be used up")
+    try:
+        await limiters.check_many([("profile", "b", 2)])
+    except RateLimitExceeded as exc:
+        assert exc.retry_after is None  # more than the bucket holds: never
+    else:
+        raise AssertionError("more permits than the capacity must be refused")

@@ -259,9 +259,11 @@ class DeliveryService:
             raise ServiceError(403, "forbidden", "sync messages go to the account's ACI")
         _mismatched(target, wanted, sender.device_id if is_sync and sender else None, service_id.is_pni, True)
         total_bytes = sum(len(m.content) for m in request.messages)
+        checks: list[tuple[str, str, float]] = []
         if sender is not None and not is_sync and not story:
-            await self.limiters.check("messages", f"{sender.aci}__{target.aci}")
-        await self.limiters.check("inboundMessageBytes", str(target.aci), total_bytes)
+            checks.append(("messages", f"{sender.aci}__{target.aci}", 1))
+        checks.append(("inboundMessageBytes", str(target.aci), total_bytes))
+        await self.limiters.check_many(checks)
         needs_sync = sender is not None and not is_sync and not story and len(sender.account.devices) > 1
         if (sender is not None and not is_sync and not story and self.blocks is not None
                 and await self.blocks.is_blocked(target.aci, sender.aci, sender.account.pni)):
@@ -364,8 +366,9 @@ class DeliveryService:
             raise ServiceError(410, "stale_devices", "registration ids do not match", body=stale)  # type: ignore[arg-type]
         if message.received_message_length > self.settings.max_message_bytes:
             raise ServiceError(413, "payload_too_large", "the message is larger than the limit")
-        for _, account in targets:
-            await self.limiters.check("inboundMessageBytes", str(account.aci), message.received_message_length)
+        await self.limiters.check_many(
+            [("inboundMessageBytes", str(account.aci), message.received_message_length) for _, account in targets]
+        )
 
         now = _now_ms()
         shared_plain = message.shared_part()

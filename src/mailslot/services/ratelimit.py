@@ -68,5 +68,19 @@ class RateLimiters:
         if wait is not None:
             raise RateLimitExceeded(limiter, wait)
 
+    async def check_many(self, checks: list[tuple[str, str, float]]) -> None:
+        """Several ``check`` calls in order, in one backend round trip: (limiter, key, permits)."""
+        buckets = []
+        for limiter, key, permits in checks:
+            limit = self.limits[limiter]
+            if permits > limit.capacity:
+                raise RateLimitExceeded(limiter, None)
+            buckets.append((f"{limiter}::{key}", limit.capacity, limit.permit_seconds, permits))
+        if not buckets:
+            return
+        refused = await self.backend.take_many(buckets)
+        if refused is not None:
+            raise RateLimitExceeded(checks[refused[0]][0], refused[1])
+
     async def reset(self, limiter: str, key: str) -> None:
         await self.backend.reset(f"{limiter}::{key}")

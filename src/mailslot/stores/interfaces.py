@@ -110,6 +110,11 @@ class RateLimitBackend(Protocol):
         """Take ``permits`` from the bucket; None on success, else seconds until enough tokens exist."""
         ...
 
+    async def take_many(self, buckets: list[tuple[str, float, float, float]]) -> tuple[int, float] | None:
+        """``take`` for (key, capacity, permit_seconds, permits) in order, stopping at the first refusal:
+        its index and wait, or None. One round trip where the backend is remote."""
+        ...
+
     async def reset(self, key: str) -> None: ...
 
 

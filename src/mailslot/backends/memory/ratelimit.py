@@ -36,6 +36,13 @@ class MemoryRateLimitBackend:
         self._buckets[key] = (tokens, now)
         return (permits - tokens) * permit_seconds
 
+    async def take_many(self, buckets: list[tuple[str, float, float, float]]) -> tuple[int, float] | None:
+        for index, (key, capacity, permit_seconds, permits) in enumerate(buckets):
+            wait = await self.take(key, capacity, permit_seconds, permits)
+            if wait is not None:
+                return index, wait
+        return None
+
     async def reset(self, key: str) -> None:
         self._buckets.pop(key, None)
 

@@ -18,37 +18,39 @@ from mailslot.backends.memory.ratelimit import MemoryRateLimitBackend
 
 log = logging.getLogger("mailslot.cluster")
 
-# KEYS[1] bucket; ARGV capacity, seconds per permit, permits. Returns "" when taken, else the wait in
-# seconds as a string (Lua numbers would be truncated to integers in the reply).
+# KEYS: buckets; ARGV: capacity, seconds per permit, permits for each bucket in turn. Takes from each
+# bucket in order and stops at the first that cannot give: returns "" when all gave, else
+# "<1-based index>:<wait seconds>" (as a string: Lua numbers would be truncated in the reply).
 TAKE_SCRIPT = """
-local capacity = tonumber(ARGV[1])
-local per_permit = tonumber(ARGV[2])
-local permits = tonumber(ARGV[3])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens = tonumber(state[1])
-local at = tonumber(state[2])
-if tokens == nil or at == nil then
-  tokens = capacity
-elseif per_permit <= 0 then
-  tokens = capacity
-else
-  tokens = math.min(capacity, tokens + math.max(0, now - at) / per_permit)
-end
-if tokens >= permits then
-  tokens = tokens - permits
-  if tokens >= capacity then
-    redis.call('DEL', KEYS[1])
+for i, key in ipairs(KEYS) do
+  local capacity = tonumber(ARGV[3 * i - 2])
+  local per_permit = tonumber(ARGV[3 * i - 1])
+  local permits = tonumber(ARGV[3 * i])
+  local state = redis.call('HMGET', key, 'tokens', 'at')
+  local tokens = tonumber(state[1])
+  local at = tonumber(state[2])
+  if tokens == nil or at == nil or per_permit <= 0 then
+    tokens = capacity
   else
-    redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
-    redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) * per_permit * 1000) + 1000)
+    tokens = math.min(capacity, tokens + math.max(0, now - at) / per_permit)
   end
-  return ''
+  local enough = tokens >= permits
+  if enough then
+    tokens = tokens - permits
+  end
+  if tokens >= capacity then
+    redis.call('DEL', key)
+  else
+    redis.call('HSET', key, 'tokens', tostring(tokens), 'at', tostring(now))
+    redis.call('PEXPIRE', key, math.ceil((capacity - tokens) * per_permit * 1000) + 1000)
+  end
+  if not enough then
+    return tostring(i) .. ':' .. tostring((permits - tokens) * per_permit)
+  end
 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) * per_permit * 1000) + 1000)
-return tostring((permits - tokens) * per_permit)
+return ''
 """
 
 
@@ -66,14 +68,23 @@ class RedisRateLimitBackend:
         return f"{self.prefix}:rl:{key}"
 
     async def take(self, key: str, capacity: float, permit_seconds: float, permits: float) -> float | None:
+        refused = await self.take_many([(key, capacity, permit_seconds, permits)])
+        return None if refused is None else refused[1]
+
+    async def take_many(self, buckets: list[tuple[str, float, float, float]]) -> tuple[int, float] | None:
+        keys = [self._key(key) for key, _, _, _ in buckets]
+        args = [value for _, capacity, per, permits in buckets for value in (capacity, per, permits)]
         try:
             async with asyncio.timeout(1.0):
-                reply = await self._script(keys=[self._key(key)], args=[capacity, permit_seconds, permits])
+                reply = await self._script(keys=keys, args=args)
         except (RedisError, OSError, TimeoutError) as exc:
             self._warn(exc)
-            return await self.fallback.take(key, capacity, permit_seconds, permits)
+            return await self.fallback.take_many(buckets)
         text = reply.decode() if isinstance(reply, bytes) else str(reply)
-        return float(text) if text else None
+        if not text:
+            return None
+        index, _, wait = text.partition(":")
+        return int(index) - 1, float(wait)
 
     async def reset(self, key: str) -> None:
         await self.fallback.reset(key)
