@@ -19,7 +19,7 @@ from mailslot.backends.sql.migrations import migrate
 from mailslot.backends.sql.profiles import SqlProfileStore
 from mailslot.backends.sql.sessions import SqlRefreshTokenStore, SqlVerificationSessionStore
 from mailslot.config import StorageSettings
-from mailslot.services.blocks import BlockStore
+from mailslot.stores.blocks import BlockStore
 from mailslot.stores.groups import GroupStore
 from mailslot.stores.interfaces import (
     AccountStore,

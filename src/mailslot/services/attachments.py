@@ -66,8 +66,11 @@ class AttachmentService:
         await self.limiters.check("attachmentCreate", str(principal.aci))
         if upload_length is not None:
             await self.limiters.check("attachmentCreateBytes", str(principal.aci), upload_length)
-        key = new_key()
-        token = self.tokens.issue(key, upload_length or maximum)
+        return self._form(new_key(), upload_length or maximum, base_url)
+
+    def _form(self, key: str, max_length: int, base_url: str) -> dict[str, Any]:
+        """The cdn-3 upload form: the key, an upload token bound to it, and the tus location."""
+        token = self.tokens.issue(key, max_length)
         return {
             "cdn": 3,
             "key": key,
@@ -82,17 +85,7 @@ class AttachmentService:
         """The same form, for a group's encrypted avatar: authorised by Group-Auth (the caller checked it),
         rate-limited per group, never tied to an account."""
         await self.limiters.check("attachmentCreate", "group:" + group_id.hex())
-        key = GROUP_AVATAR_PREFIX + new_key()
-        token = self.tokens.issue(key, self.settings.avatar_max_bytes)
-        return {
-            "cdn": 3,
-            "key": key,
-            "headers": {
-                "Authorization": f"Bearer {token}",
-                "Upload-Metadata": "filename " + base64.b64encode(key.encode()).decode(),
-            },
-            "signedUploadLocation": base_url.rstrip("/") + "/attachments",
-        }
+        return self._form(GROUP_AVATAR_PREFIX + new_key(), self.settings.avatar_max_bytes, base_url)
 
     async def delete_group_avatar(self, key: str) -> None:
         if key.startswith(GROUP_AVATAR_PREFIX) and valid_key(AREA + key):

@@ -16,24 +16,12 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 
 from mailslot.crypto.atrest import AtRestKeyring
 from mailslot.services.credentials import Principal
 from mailslot.services.errors import ServiceError
 from mailslot.services.keys import ServiceId
-
-
-class BlockStore(Protocol):
-    async def get_key(self, aci: uuid.UUID) -> bytes | None: ...
-
-    async def put_key(self, aci: uuid.UUID, sealed_key: bytes) -> bytes: ...
-
-    async def tokens(self, aci: uuid.UUID) -> set[bytes]: ...
-
-    async def add(self, aci: uuid.UUID, token: bytes) -> None: ...
-
-    async def remove(self, aci: uuid.UUID, token: bytes) -> None: ...
+from mailslot.stores.blocks import BlockStore
 
 
 def _service_id_text(service_id: ServiceId) -> str:
