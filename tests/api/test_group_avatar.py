@@ -79,3 +79,10 @@ def test_a_replaced_avatar_is_deleted_and_only_orphans_expire(group_client: Grou
     assert client.get(f"/attachments/{second['key']}").status_code == 200
     group.patch(group.admin, g.set_avatar(""))
     assert client.get(f"/attachments/{second['key']}").status_code == 404
+
+
+def test_an_attachment_whose_key_begins_like_a_group_avatar_still_expires_as_an_attachment() -> None:
+    from mailslot.services.attachments import GROUP_AVATAR_PREFIX, is_group_avatar, new_key
+
+    assert is_group_avatar(GROUP_AVATAR_PREFIX + new_key())
+    assert not is_group_avatar("g-" + new_key()[2:])  # 20 characters: an attachment's key

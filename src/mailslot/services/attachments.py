@@ -24,6 +24,13 @@ AREA = "attachments/"
 # Group avatars are uploaded like attachments but kept until their group replaces them (then deleted)
 # rather than for attachment_expiry_days; one that no group names is purged after upload_expiry_seconds.
 GROUP_AVATAR_PREFIX = "g-"
+KEY_CHARS = 20  # new_key(): 15 random bytes in base64url
+
+
+def is_group_avatar(key: str) -> bool:
+    """A group avatar's key: the prefix and then a whole key. An attachment's key is 20 characters and
+    may itself begin with "g-", so the length is what tells them apart."""
+    return key.startswith(GROUP_AVATAR_PREFIX) and len(key) == len(GROUP_AVATAR_PREFIX) + KEY_CHARS
 TUS_VERSION = "1.0.0"
 TUS_EXTENSIONS = "creation,termination,expiration"
 
@@ -88,12 +95,13 @@ class AttachmentService:
         return self._form(GROUP_AVATAR_PREFIX + new_key(), self.settings.avatar_max_bytes, base_url)
 
     async def delete_group_avatar(self, key: str) -> None:
-        if key.startswith(GROUP_AVATAR_PREFIX) and valid_key(AREA + key):
+        if is_group_avatar(key) and valid_key(AREA + key):
             await self.blobs.delete(AREA + key)
 
     async def purge_group_avatars(self, now: int, in_use: Callable[[list[str]], Awaitable[set[str]]]) -> int:
         cutoff = now - self.settings.upload_expiry_seconds
-        old = [b.key async for b in self.blobs.objects(AREA + GROUP_AVATAR_PREFIX) if b.modified < cutoff]
+        old = [b.key async for b in self.blobs.objects(AREA + GROUP_AVATAR_PREFIX)
+               if b.modified < cutoff and is_group_avatar(b.key.removeprefix(AREA))]
         used = await in_use([key.removeprefix(AREA) for key in old]) if old else set()
         orphans = [key for key in old if key.removeprefix(AREA) not in used]
         for key in orphans:
@@ -186,7 +194,7 @@ class AttachmentService:
     async def purge_attachments(self, now: int) -> int:
         cutoff = now - int(self.settings.attachment_expiry_days * 86400)
         old = [b.key async for b in self.blobs.objects(AREA)
-               if b.modified < cutoff and not b.key.startswith(AREA + GROUP_AVATAR_PREFIX)]
+               if b.modified < cutoff and not is_group_avatar(b.key.removeprefix(AREA))]
         for key in old:
             await self.blobs.delete(key)
         return len(old)
